@@ -1,0 +1,11 @@
+"""bertgen-flax: BertGeneration (bert2bert, roberta2roberta, BERTShare) in JAX/Flax, equal to transformers."""
+from .config import BertGenerationConfig, ConfigError, EncoderDecoderConfig, load_config
+from .checkpoints import CheckpointError
+from .convert import ConversionError, Report
+from .models import BertGenerationDecoder, BertGenerationEncoder, EncoderDecoderModel
+
+__all__ = [
+    "BertGenerationConfig", "EncoderDecoderConfig", "load_config", "ConfigError", "CheckpointError",
+    "ConversionError", "Report", "BertGenerationEncoder", "BertGenerationDecoder", "EncoderDecoderModel",
+]
+__version__ = "0.1.0"

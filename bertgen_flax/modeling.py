@@ -1,0 +1,563 @@
+"""Pure ``flax.linen`` modules for BertGeneration encoders, decoders and encoder-decoders.
+
+Submodule names mirror the PyTorch parameter paths of transformers (``embeddings``, ``attention/self/query``,
+``crossattention``, ``intermediate``, ``output``, ``lm_head``), so the checkpoint table in ``convert.py`` is a
+renaming. Layers are stacked with ``nn.scan`` (one compiled layer, a leading layer axis on every parameter and
+cache leaf) or unrolled as ``layer_0 .. layer_{L-1}``.
+
+Shapes: B batch, T query length, S key length, H hidden, N heads, D head dim, L layers, V vocab.
+
+Cache layout (``decode=True``): ``cache/cache_index`` () int32 at the model level: the next position to write;
+per layer ``attention/cached_key`` and ``attention/cached_value`` [B, S_max, N, D] preallocated to the maximum
+length, and for decoders ``crossattention/cross_key``/``cross_value`` [B, S_src, N, D] written by the first call
+that passes ``encoder_hidden_states`` and read by every later call that passes none. Scanned layers add a
+leading [L] axis to every per-layer leaf.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.scipy.special
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import struct
+
+from .config import BertGenerationConfig, EncoderDecoderConfig
+
+Array = jax.Array
+Dtype = Any
+
+
+def _gelu_tanh(x: Array) -> Array:
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * jnp.power(x, 3.0))))
+
+
+def _gelu_fast(x: Array) -> Array:
+    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+# Each entry computes what transformers' ACT2FN entry of the same name computes.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # the exact erf form, as torch.nn.functional.gelu
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_fast,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "linear": lambda x: x,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
+    "gelu_python": lambda x: nn.gelu(x, approximate=False),
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_10": lambda x: jnp.clip(nn.gelu(x, approximate=False), -10.0, 10.0),
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "hardswish": jax.nn.hard_swish,
+    "laplace": lambda x: 0.5 * (1.0 + jax.scipy.special.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
+}
+
+
+@struct.dataclass
+class StackOutput:
+    """What a BertGeneration stack returns; tuples hold one array per layer (hidden states: embeddings first)."""
+    last_hidden_state: Array                      # [B, T, H]
+    hidden_states: Optional[tuple] = None         # L + 1 x [B, T, H]
+    attentions: Optional[tuple] = None            # L x [B, N, T, S]
+    cross_attentions: Optional[tuple] = None      # L x [B, N, T, S_src]
+
+
+@struct.dataclass
+class LMOutput:
+    logits: Array                                 # [B, T, V]
+    loss: Optional[Array] = None
+    past_key_values: Optional[Any] = None         # the 'cache' collection after this call (decode mode)
+    last_hidden_state: Optional[Array] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+
+
+@struct.dataclass
+class Seq2SeqOutput:
+    logits: Array                                 # [B, T, V]
+    loss: Optional[Array] = None
+    encoder_last_hidden_state: Optional[Array] = None
+    encoder_hidden_states: Optional[tuple] = None
+    encoder_attentions: Optional[tuple] = None
+    decoder_hidden_states: Optional[tuple] = None
+    decoder_attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+
+
+def _dense(features: int, config: BertGenerationConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.initializers.normal(config.initializer_range))
+
+
+def _layer_norm(config: BertGenerationConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class Embeddings(nn.Module):
+    """Word + absolute position embeddings, LayerNorm, dropout (no token types)."""
+    config: BertGenerationConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+        self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+                                        dtype=self.dtype, param_dtype=self.param_dtype)
+        self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                                            dtype=self.dtype, param_dtype=self.param_dtype)
+        self.LayerNorm = _layer_norm(cfg, self.dtype, self.param_dtype, "LayerNorm")
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def __call__(self, input_ids: Optional[Array], position_ids: Array, inputs_embeds: Optional[Array] = None,
+                 deterministic: bool = True) -> Array:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)                     # [B, T, H]
+        x = inputs_embeds.astype(self.dtype) + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+
+    def attend(self, x: Array) -> Array:
+        """x @ word_embeddings^T: the tied LM head's matmul."""
+        return self.word_embeddings.attend(x)
+
+
+class AttentionProjections(nn.Module):
+    """PyTorch's ``attention.self``: query, key, value projections (and the relative distance table)."""
+    config: BertGenerationConfig
+    relative: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.query = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "query")
+        self.key = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "key")
+        self.value = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "value")
+        if self.relative:
+            self.distance_embedding = nn.Embed(2 * cfg.max_position_embeddings - 1, cfg.head_dim,
+                                               embedding_init=nn.initializers.normal(cfg.initializer_range),
+                                               dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def split_heads(self, x: Array) -> Array:
+        return x.reshape(x.shape[:2] + (self.config.num_attention_heads, self.config.head_dim))  # [B, T, N, D]
+
+    def queries(self, x: Array) -> Array:
+        return self.split_heads(self.query(x))
+
+    def keys_values(self, x: Array) -> tuple[Array, Array]:
+        return self.split_heads(self.key(x)), self.split_heads(self.value(x))
+
+    def distances(self, query_positions: Array, key_positions: Array) -> Array:
+        """Embeddings of query-minus-key distances, [T, S, D], indexed as transformers 4.57 does."""
+        p = self.config.max_position_embeddings
+        distance = query_positions[:, None] - key_positions[None, :] + p - 1
+        return self.distance_embedding(jnp.clip(distance, 0, 2 * p - 2))
+
+
+class DenseResidualNorm(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual): PyTorch's ``attention.output`` and ``output`` blocks."""
+    config: BertGenerationConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        x = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "dense")(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return _layer_norm(cfg, self.dtype, self.param_dtype, "LayerNorm")(x + residual)
+
+
+class Attention(nn.Module):
+    """The one attention: self (bidirectional or causal) or cross, full or against a cache.
+
+    ``mask`` is boolean, True where a key may be attended: [B, S] (key padding) or [B, T, S]. Causal masking and
+    the cache offset are applied here, so callers pass padding only.
+    """
+    config: BertGenerationConfig
+    cross: bool = False
+    causal: bool = False
+    decode: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def relative(self) -> bool:
+        return not self.cross and self.config.position_embedding_type != "absolute"
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Optional[Array], offset: Array, kv_states: Optional[Array] = None,
+                 head_mask: Optional[Array] = None, deterministic: bool = True,
+                 output_attentions: bool = False) -> tuple[Array, Optional[Array]]:
+        cfg = self.config
+        proj = AttentionProjections(cfg, relative=self.relative, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name="self")
+        if self.cross and kv_states is None and not self.has_variable("cache", "cross_key"):
+            return x, None  # a decoder used without an encoder: no cross-attention, as in transformers
+        q = proj.queries(x)                                                      # [B, T, N, D]
+        b, t = x.shape[:2]
+        query_positions = offset + jnp.arange(t)                                 # [T]
+
+        if self.cross:
+            k, v = self._cross_keys_values(proj, kv_states)                      # [B, S_src, N, D]
+            key_positions = jnp.arange(k.shape[1])
+        else:
+            k, v = proj.keys_values(x)
+            if self.decode:
+                k, v = self._update_cache(k, v, offset)                         # [B, S_max, N, D]
+            key_positions = jnp.arange(k.shape[1])
+
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k)                             # [B, N, T, S]
+        if self.relative:
+            pe = proj.distances(query_positions, key_positions).astype(q.dtype)  # [T, S, D]
+            scores = scores + jnp.einsum("bqnd,qkd->bnqk", q, pe)
+            if cfg.position_embedding_type == "relative_key_query":
+                scores = scores + jnp.einsum("bknd,qkd->bnqk", k, pe)
+        scores = scores / jnp.sqrt(jnp.asarray(cfg.head_dim, scores.dtype))
+
+        allowed = None
+        if mask is not None:
+            allowed = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
+        if self.causal or (self.decode and not self.cross):
+            causal = key_positions[None, :] <= query_positions[:, None]         # [T, S]
+            allowed = causal[None, None] if allowed is None else jnp.logical_and(allowed, causal)
+        if allowed is not None:
+            scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        if head_mask is not None:
+            probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
+        context = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, t, cfg.hidden_size)
+        out = DenseResidualNorm(cfg, self.dtype, self.param_dtype, name="output")(context, x, deterministic)
+        return out, (probs if output_attentions else None)
+
+    def _update_cache(self, k: Array, v: Array, offset: Array) -> tuple[Array, Array]:
+        """Writes this chunk's keys/values at ``offset`` into the preallocated cache and returns the whole cache."""
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        start = (0, offset, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype),
+                                                          start)
+        return cached_key.value, cached_value.value
+
+    def _cross_keys_values(self, proj: AttentionProjections, kv_states: Optional[Array]) -> tuple[Array, Array]:
+        """Cross K/V from the encoder states; when decoding they are computed once and then read from the cache."""
+        if not self.decode:
+            if kv_states is None:
+                raise ValueError("cross-attention needs encoder_hidden_states")
+            return proj.keys_values(kv_states)
+        if kv_states is not None:
+            k, v = proj.keys_values(kv_states)
+            cross_key = self.variable("cache", "cross_key", jnp.zeros, k.shape, k.dtype)
+            cross_value = self.variable("cache", "cross_value", jnp.zeros, v.shape, v.dtype)
+            cross_key.value, cross_value.value = k, v
+            return k, v
+        return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+
+
+class Intermediate(nn.Module):
+    config: BertGenerationConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        x = _dense(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "dense")(x)   # [B, T, I]
+        return ACTIVATIONS[cfg.hidden_act](x)
+
+
+class Layer(nn.Module):
+    """One post-LN block: self-attention, cross-attention (decoders), feed-forward.
+
+    Signature ``(carry, per_layer_inputs) -> (carry, per_layer_outputs)`` so the same module scans or unrolls.
+    """
+    config: BertGenerationConfig
+    causal: bool = False
+    decode: bool = False
+    deterministic: bool = True
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, mask: Optional[Array], offset: Array, encoder_states: Optional[Array],
+                 encoder_mask: Optional[Array], head_mask: Optional[Array]):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h, self_probs = Attention(cfg, causal=self.causal, decode=self.decode, name="attention", **kw)(
+            h, mask, offset, head_mask=head_mask, deterministic=self.deterministic,
+            output_attentions=self.output_attentions)
+        cross_probs = None
+        # With a filled cache the decoder attends to cached cross K/V, so encoder states are not needed here.
+        if cfg.add_cross_attention and (encoder_states is not None or self.decode):
+            h, cross_probs = Attention(cfg, cross=True, decode=self.decode, name="crossattention", **kw)(
+                h, encoder_mask, offset, kv_states=encoder_states, head_mask=head_mask,
+                deterministic=self.deterministic, output_attentions=self.output_attentions)
+        ff = Intermediate(cfg, name="intermediate", **kw)(h)
+        h = DenseResidualNorm(cfg, name="output", **kw)(ff, h, self.deterministic)
+        return h, (h if self.output_hidden_states else None, self_probs, cross_probs)
+
+
+class LayerStack(nn.Module):
+    """PyTorch's ``encoder``: L layers, scanned (``layer`` with a leading [L] axis) or unrolled (``layer_i``)."""
+    config: BertGenerationConfig
+    scan_layers: bool = True
+    causal: bool = False
+    decode: bool = False
+    deterministic: bool = True
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, mask: Optional[Array], offset: Array, encoder_states: Optional[Array],
+                 encoder_mask: Optional[Array], head_mask: Optional[Array]):
+        kw = dict(config=self.config, causal=self.causal, decode=self.decode, deterministic=self.deterministic,
+                  output_attentions=self.output_attentions, output_hidden_states=self.output_hidden_states,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+        n = self.config.num_hidden_layers
+        if self.scan_layers:
+            scanned = nn.scan(Layer, variable_axes={"params": 0, "cache": 0},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=n)
+            h, (hs, attn, cross) = scanned(name="layer", **kw)(h, mask, offset, encoder_states, encoder_mask,
+                                                                 head_mask)
+            unstack = lambda x: None if x is None else tuple(x[i] for i in range(n))
+            return h, unstack(hs), unstack(attn), unstack(cross)
+        outs = []
+        for i in range(n):
+            h, out = Layer(name=f"layer_{i}", **kw)(h, mask, offset, encoder_states, encoder_mask,
+                                                    None if head_mask is None else head_mask[i])
+            outs.append(out)
+        collect = lambda j: None if outs[0][j] is None else tuple(o[j] for o in outs)
+        return h, collect(0), collect(1), collect(2)
+
+
+class BertGenerationModule(nn.Module):
+    """Embeddings + layer stack: transformers' ``BertGenerationEncoder`` (and the decoder's ``bert``)."""
+    config: BertGenerationConfig
+    scan_layers: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.embeddings = Embeddings(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def word_embedding_matrix(self) -> Array:
+        return self.embeddings.word_embeddings.embedding                     # [V, H]
+
+    @nn.compact
+    def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
+                 position_ids: Optional[Array] = None, head_mask: Optional[Array] = None,
+                 inputs_embeds: Optional[Array] = None, encoder_hidden_states: Optional[Array] = None,
+                 encoder_attention_mask: Optional[Array] = None, *, causal: Optional[bool] = None,
+                 decode: bool = False, deterministic: bool = True, output_attentions: bool = False,
+                 output_hidden_states: bool = False) -> StackOutput:
+        cfg = self.config
+        causal = cfg.is_decoder if causal is None else causal
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+
+        if decode:
+            index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+            offset = index.value
+            index.value = offset + t
+        else:
+            offset = jnp.array(0, jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
+
+        mask = None if attention_mask is None else attention_mask.astype(bool)
+        encoder_mask = None if encoder_attention_mask is None else encoder_attention_mask.astype(bool)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.astype(self.dtype)
+        if head_mask is not None:
+            head_mask = jnp.asarray(head_mask, self.dtype)
+            if head_mask.ndim == 1:
+                head_mask = jnp.broadcast_to(head_mask, (cfg.num_hidden_layers, cfg.num_attention_heads))
+
+        h = self.embeddings(input_ids, position_ids, inputs_embeds, deterministic=deterministic)  # [B, T, H]
+        stack = LayerStack(cfg, scan_layers=self.scan_layers, causal=causal, decode=decode,
+                           deterministic=deterministic, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="encoder")
+        last, hs, attn, cross = stack(h, mask, offset, encoder_hidden_states, encoder_mask, head_mask)
+        if hs is not None:
+            hs = (h,) + hs
+        return StackOutput(last_hidden_state=last, hidden_states=hs, attentions=attn,
+                           cross_attentions=cross if encoder_hidden_states is not None or decode else None)
+
+
+class LMHead(nn.Module):
+    """logits = h @ E^T + bias (tied), or h @ W + bias with its own ``decoder`` kernel (untied)."""
+    config: BertGenerationConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: Array, word_embeddings: Array) -> Array:
+        cfg = self.config
+        bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), self.param_dtype)
+        h = h.astype(self.dtype)
+        if cfg.tie_word_embeddings:
+            logits = jnp.dot(h, word_embeddings.astype(self.dtype).T)                         # [B, T, V]
+        else:
+            decoder = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                               kernel_init=nn.initializers.normal(cfg.initializer_range), name="decoder")
+            logits = decoder(h)
+        return logits + bias.astype(self.dtype)
+
+
+def cross_entropy(logits: Array, labels: Array, ignore_index: int = -100) -> Array:
+    """Mean token cross-entropy over labels != ignore_index (torch's CrossEntropyLoss, computed in float32)."""
+    logits = logits.astype(jnp.float32)
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, log_z - picked, 0.0)
+    return nll.sum() / valid.sum()
+
+
+def shift_tokens_right(labels: Array, pad_token_id: int, decoder_start_token_id: int) -> Array:
+    """Decoder inputs from labels: start token first, labels shifted right, -100 replaced by pad."""
+    shifted = jnp.concatenate(
+        [jnp.full((labels.shape[0], 1), decoder_start_token_id, labels.dtype), labels[:, :-1]], axis=1)
+    return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
+class BertGenerationDecoderModule(nn.Module):
+    """``bert`` + ``lm_head``: transformers' ``BertGenerationDecoder`` (causal LM, cross-attention optional)."""
+    config: BertGenerationConfig
+    scan_layers: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.bert = BertGenerationModule(self.config, scan_layers=self.scan_layers, **kw)
+        self.lm_head = LMHead(self.config, **kw)
+
+    def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
+                 position_ids: Optional[Array] = None, head_mask: Optional[Array] = None,
+                 inputs_embeds: Optional[Array] = None, encoder_hidden_states: Optional[Array] = None,
+                 encoder_attention_mask: Optional[Array] = None, labels: Optional[Array] = None, *,
+                 decode: bool = False, deterministic: bool = True, output_attentions: bool = False,
+                 output_hidden_states: bool = False) -> LMOutput:
+        out = self.bert(input_ids, attention_mask, position_ids, head_mask, inputs_embeds, encoder_hidden_states,
+                        encoder_attention_mask, causal=True, decode=decode, deterministic=deterministic,
+                        output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        logits = self.lm_head(out.last_hidden_state, self.bert.word_embedding_matrix())  # [B, T, V]
+        loss = None
+        if labels is not None:  # causal-LM loss: position t predicts label t + 1
+            loss = cross_entropy(logits[:, :-1], labels[:, 1:])
+        return LMOutput(logits=logits, loss=loss, last_hidden_state=out.last_hidden_state,
+                        hidden_states=out.hidden_states, attentions=out.attentions,
+                        cross_attentions=out.cross_attentions)
+
+
+class EncoderDecoderModule(nn.Module):
+    """transformers' ``EncoderDecoderModel`` with BertGeneration on both sides.
+
+    With ``tie_encoder_decoder`` there is no ``encoder`` subtree: the encoder runs the decoder's ``bert``
+    parameters bidirectionally without cross-attention, as transformers 4.x shares them.
+    """
+    config: EncoderDecoderConfig
+    scan_layers: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        cfg, kw = self.config, dict(scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.decoder = BertGenerationDecoderModule(cfg.decoder, **kw)
+        if not cfg.tie_encoder_decoder:
+            self.encoder = BertGenerationModule(cfg.encoder, **kw)
+        if cfg.needs_projection:
+            self.enc_to_dec_proj = _dense(cfg.decoder.hidden_size, cfg.decoder, self.dtype, self.param_dtype,
+                                          "enc_to_dec_proj")
+
+    def encode(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
+               position_ids: Optional[Array] = None, head_mask: Optional[Array] = None,
+               inputs_embeds: Optional[Array] = None, *, deterministic: bool = True,
+               output_attentions: bool = False, output_hidden_states: bool = False) -> StackOutput:
+        encoder = self.decoder.bert if self.config.tie_encoder_decoder else self.encoder
+        return encoder(input_ids, attention_mask, position_ids, head_mask, inputs_embeds, causal=False,
+                       deterministic=deterministic, output_attentions=output_attentions,
+                       output_hidden_states=output_hidden_states)
+
+    def project(self, encoder_hidden_states: Array) -> Array:
+        """Encoder states in the decoder's width (``enc_to_dec_proj`` when the hidden sizes differ)."""
+        if self.config.needs_projection:
+            return self.enc_to_dec_proj(encoder_hidden_states)
+        return encoder_hidden_states
+
+    def decode(self, decoder_input_ids: Optional[Array], encoder_hidden_states: Optional[Array],
+               encoder_attention_mask: Optional[Array] = None, decoder_attention_mask: Optional[Array] = None,
+               decoder_position_ids: Optional[Array] = None, decoder_inputs_embeds: Optional[Array] = None,
+               decoder_head_mask: Optional[Array] = None, *, decode: bool = False, deterministic: bool = True,
+               output_attentions: bool = False, output_hidden_states: bool = False) -> LMOutput:
+        """Decoder logits given (unprojected) encoder states; with ``decode`` and a filled cache they may be None."""
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = self.project(encoder_hidden_states)
+        return self.decoder(decoder_input_ids, decoder_attention_mask, decoder_position_ids, decoder_head_mask,
+                            decoder_inputs_embeds, encoder_hidden_states, encoder_attention_mask,
+                            decode=decode, deterministic=deterministic, output_attentions=output_attentions,
+                            output_hidden_states=output_hidden_states)
+
+    def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
+                 decoder_input_ids: Optional[Array] = None, decoder_attention_mask: Optional[Array] = None,
+                 labels: Optional[Array] = None, *, inputs_embeds: Optional[Array] = None,
+                 decoder_inputs_embeds: Optional[Array] = None, position_ids: Optional[Array] = None,
+                 decoder_position_ids: Optional[Array] = None, head_mask: Optional[Array] = None,
+                 decoder_head_mask: Optional[Array] = None, deterministic: bool = True,
+                 output_attentions: bool = False, output_hidden_states: bool = False) -> Seq2SeqOutput:
+        enc = self.encode(input_ids, attention_mask, position_ids, head_mask, inputs_embeds,
+                          deterministic=deterministic, output_attentions=output_attentions,
+                          output_hidden_states=output_hidden_states)
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids, decoder_inputs_embeds or labels")
+            pad, start = resolve_start_and_pad(self.config)
+            decoder_input_ids = shift_tokens_right(labels, pad, start)
+            if decoder_attention_mask is None:  # as transformers: mask the pad positions of the shifted labels
+                decoder_attention_mask = decoder_input_ids != pad
+        dec = self.decode(decoder_input_ids, enc.last_hidden_state, attention_mask, decoder_attention_mask,
+                          decoder_position_ids, decoder_inputs_embeds, decoder_head_mask,
+                          deterministic=deterministic, output_attentions=output_attentions,
+                          output_hidden_states=output_hidden_states)
+        loss = None if labels is None else cross_entropy(dec.logits, labels)
+        return Seq2SeqOutput(logits=dec.logits, loss=loss, encoder_last_hidden_state=enc.last_hidden_state,
+                             encoder_hidden_states=enc.hidden_states, encoder_attentions=enc.attentions,
+                             decoder_hidden_states=dec.hidden_states, decoder_attentions=dec.attentions,
+                             cross_attentions=dec.cross_attentions)
+
+
+def resolve_start_and_pad(cfg: EncoderDecoderConfig) -> tuple[int, int]:
+    """(pad_token_id, decoder_start_token_id) from the top-level config, falling back to the decoder's."""
+    start = cfg.decoder_start_token_id
+    if start is None:
+        start = cfg.decoder.decoder_start_token_id
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.decoder.pad_token_id
+    if start is None:
+        raise ValueError("decoder_start_token_id is not set in the config: set config.decoder_start_token_id "
+                         "(bert2bert checkpoints usually use the [CLS] / <s> id) to build decoder inputs from labels")
+    if pad is None:
+        raise ValueError("pad_token_id is not set in the config: it is needed to replace -100 in shifted labels")
+    return pad, start

@@ -1,0 +1,556 @@
+"""User-facing models: (config, module, params) with from_pretrained, save_pretrained and a jitted __call__.
+
+``m.module`` is the pure linen module and ``m.params`` its parameter tree, so everything here is a thin, checked
+convenience over ``m.module.apply({'params': m.params}, ...)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, ClassVar, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checkpoints, convert
+from .config import (CONFIG_NAME, GENERATION_CONFIG_NAME, BertGenerationConfig, ConfigError, EncoderDecoderConfig,
+                     load_config, read_json)
+from .modeling import (BertGenerationDecoderModule, BertGenerationModule, EncoderDecoderModule, LMOutput,
+                       Seq2SeqOutput, StackOutput)
+
+NATIVE_MARKER = "bertgen_native.json"
+NATIVE_PARAMS = "params"
+NATIVE_FORMAT_VERSION = 1
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """None -> float32; names or jnp dtypes -> a jnp dtype; anything else is an error."""
+    if dtype is None:
+        return jnp.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _DTYPES.values()]:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return dtype
+
+
+def is_native_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, NATIVE_MARKER))
+
+
+def _ids(x: Any, name: str, vocab_size: int, max_length: Optional[int] = None) -> Optional[np.ndarray]:
+    """Checks token ids on the host: 2-D integers inside the vocabulary and not longer than the positions."""
+    if x is None:
+        return None
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [batch, length], got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise ValueError(f"{name} holds id {int(bad)}, outside the vocabulary [0, {vocab_size})")
+    if max_length is not None and arr.shape[1] > max_length:
+        raise ValueError(f"{name} has length {arr.shape[1]}, longer than max_position_embeddings={max_length}")
+    return arr.astype(np.int32)
+
+
+def _mask(x: Any, name: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+    if x is None:
+        return None
+    arr = np.asarray(x)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
+    return arr
+
+
+def _write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
+    """Runs ``write(tmp)`` into a fresh sibling directory, then moves its files into ``out_dir``.
+
+    A failure leaves ``out_dir`` as it was (or absent): nothing is written half-way.
+    """
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        if not os.path.exists(out_dir):
+            os.rename(tmp, out_dir)
+            return
+        if not os.path.isdir(out_dir):
+            raise FileExistsError(f"output path exists and is not a directory: {out_dir}")
+        for name in os.listdir(tmp):
+            target = os.path.join(out_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class PretrainedModel:
+    """Shared machinery: config + linen module + params, checkpoint I/O, jitted calls."""
+
+    kind: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any, params: Optional[Mapping] = None, *, dtype: Any = None,
+                 param_dtype: Any = None, scan_layers: bool = True, seed: int = 0,
+                 generation_config: Optional[Mapping] = None) -> None:
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                              f"got {type(config).__name__}")
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.param_dtype = resolve_dtype(param_dtype)
+        self.scan_layers = scan_layers
+        self.module = self._make_module(scan_layers)
+        self.generation_config = dict(generation_config or {})
+        self._jitted: dict = {}
+        self.params = self.init_params(jax.random.PRNGKey(seed)) if params is None else params
+
+    # ---- construction -------------------------------------------------------------------------------------
+    def _make_module(self, scan_layers: bool):
+        raise NotImplementedError
+
+    def _init_args(self) -> tuple[tuple, dict]:
+        """Dummy inputs that touch every parameter (cross-attention included)."""
+        raise NotImplementedError
+
+    def init_params(self, rng: jax.Array) -> dict:
+        """Fresh random parameters (transformers' initialisation: normal(initializer_range), zero biases)."""
+        args, kwargs = self._init_args()
+        return jax.jit(lambda r: self.module.init(r, *args, **kwargs)["params"])(rng)
+
+    def _expected_shapes(self) -> Mapping:
+        module = self._make_module(True)
+        args, kwargs = self._init_args()
+        return jax.eval_shape(lambda r: module.init(r, *args, **kwargs)["params"], jax.random.PRNGKey(0))
+
+    def _canonical_init(self, rng: jax.Array) -> dict:
+        module = self._make_module(True)
+        args, kwargs = self._init_args()
+        return jax.jit(lambda r: module.init(r, *args, **kwargs)["params"])(rng)
+
+    def canonical_params(self) -> dict:
+        """Parameters with layers stacked on a leading axis (the checkpoint form), as numpy arrays."""
+        tree = jax.tree_util.tree_map(np.asarray, self.params)
+        return tree if self.scan_layers else convert.stack_layers(tree)
+
+    def _from_canonical(self, tree: Mapping) -> dict:
+        tree = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self.param_dtype), tree)
+        return tree if self.scan_layers else convert.unstack_layers(tree)
+
+    # ---- loading ------------------------------------------------------------------------------------------
+    @classmethod
+    def _read_config(cls, path: str, overrides: Mapping[str, Any]) -> Any:
+        config = load_config(path)
+        if not isinstance(config, cls.config_class):
+            raise ConfigError(f"{path} holds a {type(config).__name__} ({config.model_type}); "
+                              f"{cls.__name__} needs a {cls.config_class.__name__}")
+        return config.replace(**overrides) if overrides else config
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: Any = None, *, param_dtype: Any = None, scan_layers: bool = True,
+                        fold_token_type_embeddings: Optional[bool] = None, verbose: bool = False,
+                        **config_overrides: Any):
+        """Loads an HF directory (config.json + safetensors/.bin/shards) or a native bertgen checkpoint.
+
+        ``fold_token_type_embeddings``: for BERT checkpoints, add the type-0 token-type row to the position
+        embeddings so the encoder computes what ``BertModel`` computed (transformers drops it: default False);
+        RoBERTa checkpoints fold by default. ``config_overrides`` replace config fields (e.g. ``is_decoder``).
+        """
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        if is_native_checkpoint(path):
+            return cls._from_native(path, dtype, param_dtype, scan_layers, config_overrides)
+        config = cls._prepare_config(cls._read_config(path, config_overrides))
+        state = checkpoints.load_state_dict(path)
+        model = cls(config, params={}, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                    generation_config=_read_generation_config(path))
+        tree, report = convert.torch_to_flax(state, cls.kind, config, model._expected_shapes(),
+                                             init_params=lambda: model._canonical_init(jax.random.PRNGKey(0)),
+                                             fold_token_type_embeddings=fold_token_type_embeddings)
+        model.params = model._from_canonical(tree)
+        model.load_report = report
+        if verbose:
+            print(report.summary())
+        return model
+
+    @classmethod
+    def _prepare_config(cls, config: Any) -> Any:
+        return config
+
+    @classmethod
+    def _from_native(cls, path: str, dtype: Any, param_dtype: Any, scan_layers: bool,
+                     overrides: Mapping[str, Any]):
+        meta = read_json(os.path.join(path, NATIVE_MARKER), "native checkpoint marker")
+        if meta.get("kind") != cls.kind:
+            raise ConfigError(f"{path} is a native {meta.get('kind')!r} checkpoint; {cls.__name__} loads "
+                              f"{cls.kind!r} checkpoints")
+        config = cls._read_config(path, overrides)
+        model = cls(config, params={}, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                    generation_config=_read_generation_config(path))
+        tree = restore_native_params(os.path.join(path, NATIVE_PARAMS), model._expected_shapes())
+        model.params = model._from_canonical(tree)
+        model.load_report = convert.Report(mapped=["/".join(k) for k in convert.flatten(tree)])
+        return model
+
+    # ---- saving -------------------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str) -> None:
+        """Writes an HF directory (config.json, model.safetensors, generation_config.json) transformers loads."""
+        state = convert.flax_to_torch(self.canonical_params(), self.kind, self.config)
+
+        def write(tmp: str) -> None:
+            checkpoints.write_safetensors(os.path.join(tmp, checkpoints.SAFE_WEIGHTS), state)
+            self._config_for_saving().save_pretrained(tmp)
+            gen = self._generation_config_for_saving()
+            if gen:
+                with open(os.path.join(tmp, GENERATION_CONFIG_NAME), "w", encoding="utf-8") as f:
+                    json.dump(gen, f, indent=2, sort_keys=True)
+
+        _write_dir_atomically(out_dir, write)
+
+    def save_native(self, out_dir: str) -> None:
+        """Writes a native checkpoint: config.json, the marker file and an orbax tree of stacked params."""
+        tree = self.canonical_params()
+
+        def write(tmp: str) -> None:
+            save_native_params(os.path.join(tmp, NATIVE_PARAMS), tree)
+            self.config.save_pretrained(tmp)
+            gen = self._generation_config_for_saving()
+            if gen:
+                with open(os.path.join(tmp, GENERATION_CONFIG_NAME), "w", encoding="utf-8") as f:
+                    json.dump(gen, f, indent=2, sort_keys=True)
+            with open(os.path.join(tmp, NATIVE_MARKER), "w", encoding="utf-8") as f:
+                json.dump({"format": "bertgen-flax", "version": NATIVE_FORMAT_VERSION, "kind": self.kind,
+                           "layers": "stacked"}, f, indent=2)
+
+        _write_dir_atomically(out_dir, write)
+
+    def _config_for_saving(self) -> Any:
+        return self.config
+
+    def _generation_config_for_saving(self) -> dict:
+        gen = dict(self.generation_config)
+        cfg = self.config
+        for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(cfg, key, None)
+            if value is not None:
+                gen.setdefault(key, value)
+        return gen if self.kind != convert.ENCODER else {}
+
+    # ---- calling ------------------------------------------------------------------------------------------
+    def _apply(self, method: str, args: tuple, kwargs: Mapping[str, Any], static: Mapping[str, Any],
+               train: bool, dropout_rng: Optional[jax.Array], cache: Optional[Mapping] = None):
+        """Runs ``module.<method>`` under a jit cached per static flags."""
+        if train and dropout_rng is None:
+            raise ValueError("train=True needs dropout_rng (a jax.random key): dropout never draws hidden "
+                             "randomness")
+        key = (method, tuple(sorted(static.items())), train, cache is not None)
+        fn = self._jitted.get(key)
+        if fn is None:
+            module = self.module
+
+            def run(params, cache, rng, args, kwargs):
+                variables = {"params": params}
+                if cache is not None:
+                    variables["cache"] = cache
+                rngs = {"dropout": rng} if train else None
+                return module.apply(variables, *args, **kwargs, **static, deterministic=not train,
+                                    method=getattr(type(module), method), rngs=rngs,
+                                    mutable=["cache"] if cache is not None else False)
+
+            fn = self._jitted[key] = jax.jit(run)
+        return fn(self.params, cache, dropout_rng, args, dict(kwargs))
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+        return f"{type(self).__name__}({n:,} parameters, dtype={jnp.dtype(self.dtype).name})"
+
+
+def _read_generation_config(path: str) -> dict:
+    file = os.path.join(path, GENERATION_CONFIG_NAME)
+    return read_json(file, "generation config") if os.path.isfile(file) else {}
+
+
+def save_native_params(path: str, tree: Mapping) -> None:
+    """Stacked params -> an orbax checkpoint directory at ``path`` (which must not exist)."""
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, jax.tree_util.tree_map(np.asarray, tree))
+        ckptr.wait_until_finished()
+
+
+def restore_native_params(path: str, expected: Mapping) -> dict:
+    """Restores stacked params, checking every path and shape against the config's."""
+    import orbax.checkpoint as ocp
+    if not os.path.isdir(path):
+        raise checkpoints.CheckpointError(f"native checkpoint is missing its params directory: {path}")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(path)
+            tree_meta = getattr(meta, "item_metadata", meta)
+            got = {k: tuple(v.shape) for k, v in convert.flatten(dict(tree_meta)).items()}
+            want = {k: tuple(v.shape) for k, v in convert.flatten(dict(expected)).items()}
+            if got != want:
+                diff = sorted(set(got.items()) ^ set(want.items()))[:10]
+                raise convert.ConversionError(f"native params at {path} do not fit the config: differing "
+                                              f"(path, shape) entries {diff}")
+            target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), expected)
+            restored = ckptr.restore(path, target=jax.tree_util.tree_map(
+                lambda s: np.zeros(s.shape, s.dtype), target))
+    except (convert.ConversionError, checkpoints.CheckpointError):
+        raise
+    except Exception as e:
+        raise checkpoints.CheckpointError(f"cannot restore native params from {path}: {type(e).__name__}: {e}"
+                                          ) from None
+    return jax.tree_util.tree_map(np.asarray, restored)
+
+
+class BertGenerationEncoder(PretrainedModel):
+    """transformers' ``BertGenerationEncoder``: ``enc(ids, attention_mask=mask).last_hidden_state``."""
+
+    kind = convert.ENCODER
+    config_class = BertGenerationConfig
+
+    def _make_module(self, scan_layers: bool):
+        return BertGenerationModule(self.config, scan_layers=scan_layers, dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
+
+    def _init_args(self):
+        return (jnp.zeros((1, 2), jnp.int32),), {}
+
+    def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                 head_mask: Any = None, inputs_embeds: Any = None, *, output_attentions: bool = False,
+                 output_hidden_states: bool = False, train: bool = False,
+                 dropout_rng: Optional[jax.Array] = None) -> StackOutput:
+        cfg = self.config
+        ids = _ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
+        shape = ids.shape if ids is not None else np.shape(inputs_embeds)[:2]
+        if inputs_embeds is not None and np.shape(inputs_embeds)[1] > cfg.max_position_embeddings:
+            raise ValueError(f"inputs_embeds has length {shape[1]}, longer than max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        return self._apply("__call__", (ids, _mask(attention_mask, "attention_mask", shape), position_ids,
+                                        head_mask, inputs_embeds), {},
+                           dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states),
+                           train, dropout_rng)
+
+
+class BertGenerationDecoder(PretrainedModel):
+    """transformers' ``BertGenerationDecoder``: a causal LM, with cross-attention when configured.
+
+    Loading a checkpoint whose config lacks ``is_decoder`` (BERT, an encoder) sets it, as a decoder needs it.
+    """
+
+    kind = convert.DECODER
+    config_class = BertGenerationConfig
+
+    @classmethod
+    def _prepare_config(cls, config: BertGenerationConfig) -> BertGenerationConfig:
+        return config if config.is_decoder else config.replace(is_decoder=True)
+
+    def _make_module(self, scan_layers: bool):
+        return BertGenerationDecoderModule(self.config, scan_layers=scan_layers, dtype=self.dtype,
+                                           param_dtype=self.param_dtype)
+
+    def _init_args(self):
+        enc = None
+        if self.config.add_cross_attention:
+            enc = jnp.zeros((1, 2, self.config.hidden_size), self.dtype)
+        return (jnp.zeros((1, 2), jnp.int32),), {"encoder_hidden_states": enc}
+
+    def init_cache(self, batch_size: int, max_length: int, encoder_length: Optional[int] = None) -> dict:
+        """An empty cache: self K/V preallocated to ``max_length``; cross K/V for ``encoder_length`` sources."""
+        if max_length > self.config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        enc = None
+        if encoder_length is not None:
+            enc = jnp.zeros((batch_size, encoder_length, self.config.hidden_size), self.dtype)
+        shapes = jax.eval_shape(lambda: self.module.init(
+            jax.random.PRNGKey(0), jnp.zeros((batch_size, max_length), jnp.int32), encoder_hidden_states=enc,
+            decode=True)["cache"])
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
+                 head_mask: Any = None, inputs_embeds: Any = None, encoder_hidden_states: Any = None,
+                 encoder_attention_mask: Any = None, labels: Any = None, *, past_key_values: Optional[dict] = None,
+                 use_cache: bool = False, max_cache_length: Optional[int] = None, output_attentions: bool = False,
+                 output_hidden_states: bool = False, train: bool = False,
+                 dropout_rng: Optional[jax.Array] = None) -> LMOutput:
+        """Logits (and the shifted causal-LM loss with ``labels``).
+
+        With ``past_key_values`` (from ``init_cache`` or a previous call) or ``use_cache=True`` the call runs
+        against the key/value cache and returns the updated one in ``.past_key_values``; ``attention_mask``
+        then covers the whole cache length (shorter masks are right-padded).
+        """
+        cfg = self.config
+        ids = _ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
+        shape = ids.shape if ids is not None else np.shape(inputs_embeds)[:2]
+        if use_cache and past_key_values is None:
+            enc_len = None if encoder_hidden_states is None else np.shape(encoder_hidden_states)[1]
+            past_key_values = self.init_cache(shape[0], max_cache_length or cfg.max_position_embeddings, enc_len)
+        if past_key_values is not None:
+            cache_len = _cache_length(past_key_values)
+            if attention_mask is not None:
+                attention_mask = np.asarray(attention_mask)
+                if attention_mask.shape[1] > cache_len:
+                    raise ValueError(f"attention_mask has length {attention_mask.shape[1]}, longer than the cache "
+                                     f"({cache_len})")
+                attention_mask = np.pad(attention_mask, ((0, 0), (0, cache_len - attention_mask.shape[1])))
+            mask = attention_mask
+        else:
+            mask = _mask(attention_mask, "attention_mask", shape)
+        if encoder_hidden_states is not None:
+            encoder_attention_mask = _mask(encoder_attention_mask, "encoder_attention_mask",
+                                           np.shape(encoder_hidden_states)[:2])
+        labels = None if labels is None else np.asarray(labels)
+        result = self._apply(
+            "__call__", (ids, mask, position_ids, head_mask, inputs_embeds, encoder_hidden_states,
+                         encoder_attention_mask, labels), {},
+            dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                 decode=past_key_values is not None), train, dropout_rng, cache=past_key_values)
+        if past_key_values is None:
+            return result
+        out, variables = result
+        return out.replace(past_key_values=variables["cache"])
+
+
+def _cache_length(cache: Mapping) -> int:
+    for path, leaf in convert.flatten(cache).items():
+        if path[-1] == "cached_key":
+            return leaf.shape[-3]
+    raise ValueError("past_key_values is not a bertgen cache (no cached_key entries)")
+
+
+class EncoderDecoderModel(PretrainedModel):
+    """transformers' ``EncoderDecoderModel`` with BertGeneration encoder and decoder (bert2bert, BERTShare)."""
+
+    kind = convert.ENCODER_DECODER
+    config_class = EncoderDecoderConfig
+
+    def _make_module(self, scan_layers: bool):
+        return EncoderDecoderModule(self.config, scan_layers=scan_layers, dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
+
+    def _init_args(self):
+        ids = jnp.zeros((1, 2), jnp.int32)
+        return (ids, None, ids), {}
+
+    @classmethod
+    def from_encoder_decoder_pretrained(cls, encoder_path: str, decoder_path: str, *,
+                                        tie_encoder_decoder: bool = False, dtype: Any = None,
+                                        param_dtype: Any = None, scan_layers: bool = True,
+                                        fold_token_type_embeddings: Optional[bool] = None, verbose: bool = False,
+                                        **config_kwargs: Any) -> "EncoderDecoderModel":
+        """Warm-starts a bert2bert (or BERTShare with ``tie_encoder_decoder``) from two checkpoints.
+
+        The decoder gets causal self-attention and freshly initialised cross-attention, as in transformers.
+        ``decoder_start_token_id``, ``pad_token_id`` and ``eos_token_id`` default to the decoder config's
+        ``bos``/``pad``/``eos`` ids (transformers leaves them unset, which breaks training: see the README).
+        """
+        enc = BertGenerationEncoder.from_pretrained(encoder_path, dtype, param_dtype=param_dtype,
+                                                    fold_token_type_embeddings=fold_token_type_embeddings)
+        dec = BertGenerationDecoder.from_pretrained(decoder_path, dtype, param_dtype=param_dtype,
+                                                    fold_token_type_embeddings=fold_token_type_embeddings,
+                                                    add_cross_attention=True)
+        d = dec.config
+        defaults = dict(decoder_start_token_id=d.bos_token_id, pad_token_id=d.pad_token_id,
+                        eos_token_id=d.eos_token_id, bos_token_id=d.bos_token_id)
+        config = EncoderDecoderConfig.from_encoder_decoder_configs(
+            enc.config, d, tie_encoder_decoder=tie_encoder_decoder, **{**defaults, **config_kwargs})
+        model = cls(config, params={}, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+        tree = {"decoder": dec.canonical_params()}
+        report = convert.Report(mapped=enc.load_report.mapped + dec.load_report.mapped,
+                                dropped=enc.load_report.dropped + dec.load_report.dropped,
+                                initialised=dec.load_report.initialised)
+        if not tie_encoder_decoder:
+            tree["encoder"] = enc.canonical_params()
+        else:
+            report.dropped.append((encoder_path, "encoder weights: the tied encoder uses the decoder's"))
+        if config.needs_projection:
+            tree["enc_to_dec_proj"] = model._canonical_init(jax.random.PRNGKey(0))["enc_to_dec_proj"]
+            report.initialised.append("enc_to_dec_proj")
+        model.params = model._from_canonical(tree)
+        model.load_report = report
+        if verbose:
+            print(report.summary())
+        return model
+
+    def init_cache(self, batch_size: int, max_length: int, encoder_length: int) -> dict:
+        """An empty decoder cache for ``batch_size`` sequences of ``encoder_length`` source tokens."""
+        dec = self.config.decoder
+        if max_length > dec.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} exceeds max_position_embeddings={dec.max_position_embeddings}")
+        enc = jnp.zeros((batch_size, encoder_length, self.config.encoder.hidden_size), self.dtype)
+        shapes = jax.eval_shape(lambda: self.module.init(
+            jax.random.PRNGKey(0), jnp.zeros((batch_size, max_length), jnp.int32), enc, decode=True,
+            method=EncoderDecoderModule.decode)["cache"])
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def __call__(self, input_ids: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
+                 decoder_attention_mask: Any = None, labels: Any = None, *, inputs_embeds: Any = None,
+                 decoder_inputs_embeds: Any = None, position_ids: Any = None, decoder_position_ids: Any = None,
+                 head_mask: Any = None, decoder_head_mask: Any = None, output_attentions: bool = False,
+                 output_hidden_states: bool = False, train: bool = False,
+                 dropout_rng: Optional[jax.Array] = None) -> Seq2SeqOutput:
+        """Logits for ``decoder_input_ids`` (or for ``labels`` shifted right) and the loss when given labels."""
+        enc_cfg, dec_cfg = self.config.encoder, self.config.decoder
+        ids = _ids(input_ids, "input_ids", enc_cfg.vocab_size, enc_cfg.max_position_embeddings)
+        dec_ids = _ids(decoder_input_ids, "decoder_input_ids", dec_cfg.vocab_size, dec_cfg.max_position_embeddings)
+        if labels is not None:
+            labels = np.asarray(labels)
+            bad = labels[(labels != -100) & ((labels < 0) | (labels >= dec_cfg.vocab_size))]
+            if bad.size:
+                raise ValueError(f"labels hold id {int(bad[0])}, outside the vocabulary [0, {dec_cfg.vocab_size}) "
+                                 "and not -100")
+            if labels.shape[1] > dec_cfg.max_position_embeddings:
+                raise ValueError(f"labels have length {labels.shape[1]}, longer than max_position_embeddings="
+                                 f"{dec_cfg.max_position_embeddings}")
+        src_shape = ids.shape if ids is not None else np.shape(inputs_embeds)[:2]
+        tgt_shape = (dec_ids.shape if dec_ids is not None else np.shape(decoder_inputs_embeds)[:2]
+                     if decoder_inputs_embeds is not None else None if labels is None else labels.shape)
+        if tgt_shape is None:
+            raise ValueError("pass decoder_input_ids, decoder_inputs_embeds or labels")
+        return self._apply(
+            "__call__", (ids, _mask(attention_mask, "attention_mask", src_shape), dec_ids,
+                         _mask(decoder_attention_mask, "decoder_attention_mask", tgt_shape), labels),
+            dict(inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
+                 position_ids=position_ids, decoder_position_ids=decoder_position_ids, head_mask=head_mask,
+                 decoder_head_mask=decoder_head_mask),
+            dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states),
+            train, dropout_rng)
+
+    def encode(self, input_ids: Any, attention_mask: Any = None) -> StackOutput:
+        cfg = self.config.encoder
+        ids = _ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
+        return self._apply("encode", (ids, _mask(attention_mask, "attention_mask", ids.shape)), {}, {}, False,
+                           None)
+
+    def decode(self, decoder_input_ids: Any, encoder_hidden_states: Any = None, encoder_attention_mask: Any = None,
+               decoder_attention_mask: Any = None, *, past_key_values: Optional[dict] = None,
+               decoder_position_ids: Any = None) -> LMOutput:
+        """Decoder logits given encoder states; with ``past_key_values`` one chunk at a time against the cache
+        (the first cached call passes ``encoder_hidden_states`` to fill cross K/V, later calls may pass None)."""
+        cfg = self.config.decoder
+        ids = _ids(decoder_input_ids, "decoder_input_ids", cfg.vocab_size, cfg.max_position_embeddings)
+        if past_key_values is not None and decoder_attention_mask is not None:
+            cache_len = _cache_length(past_key_values)
+            m = np.asarray(decoder_attention_mask)
+            decoder_attention_mask = np.pad(m, ((0, 0), (0, cache_len - m.shape[1])))
+        result = self._apply("decode", (ids, encoder_hidden_states, encoder_attention_mask, decoder_attention_mask,
+                                        decoder_position_ids), {},
+                             dict(decode=past_key_values is not None), False, None, cache=past_key_values)
+        if past_key_values is None:
+            return result
+        out, variables = result
+        return out.replace(past_key_values=variables["cache"])

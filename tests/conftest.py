@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random transformers checkpoints (PyTorch, float32) and the 4.57 reference venv."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5  # the parity tolerance the project promises (float32, CPU)
+
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)
+
+
+def perturb_(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Adds noise to every parameter so biases and LayerNorms are not at their trivial init values."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def max_diff(a, b, mask=None) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b.detach().numpy() if hasattr(b, "detach") else b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    d = np.abs(a - b)
+    if mask is not None:
+        d = d[np.asarray(mask, bool)]
+    return float(d.max())
+
+
+def tf457_python() -> str:
+    """Path of the transformers 4.57 venv's python; skips (locally) or fails (CI) when it is absent."""
+    path = os.environ.get("BERTGEN_TF457_PYTHON", str(REPO / ".venv-tf457" / "bin" / "python"))
+    if not os.path.exists(path):
+        msg = f"transformers 4.57 venv not found at {path} (scripts/install.sh builds it)"
+        if os.environ.get("BERTGEN_REQUIRE_TF457") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def run_tf457(script: str, *args: str) -> str:
+    """Runs a script under transformers 4.57 and returns its stdout; its failure fails the test."""
+    proc = subprocess.run([tf457_python(), "-c", script, *args], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"transformers 4.57 script failed:\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return dict(TINY)
