@@ -135,10 +135,14 @@ def _stack_prefix(state: Mapping[str, np.ndarray], where: str) -> str:
 
 
 def _adapt_stack(state: dict[str, np.ndarray], cfg: BertGenerationConfig, target_prefix: str, report: Report,
-                 source_type: str, fold: Optional[bool], keep_lm_head: bool, where: str
+                 source_type: str, fold: Optional[bool], keep_lm_head: bool, where: str = ""
                  ) -> dict[str, np.ndarray]:
-    """Renames one stack (+ optional LM head) to ``target_prefix`` names, dropping what BertGeneration lacks."""
-    prefix = _stack_prefix(state, where)
+    """Renames one stack (+ optional LM head) to ``target_prefix`` names, dropping what BertGeneration lacks.
+
+    ``where`` is the prefix the keys had in the file (``decoder.`` inside an encoder-decoder), for reports.
+    """
+    prefix = _stack_prefix(state, where.rstrip(".") or "checkpoint")
+    drop = lambda key, why: report.dropped.append((where + key, why))
     roberta = prefix == "roberta." or source_type == "roberta"
     if fold is None:
         fold = roberta  # transformers cannot load RoBERTa at all; the exact equivalent folds token types
@@ -146,7 +150,7 @@ def _adapt_stack(state: dict[str, np.ndarray], cfg: BertGenerationConfig, target
     token_types = None
     for key, value in state.items():
         if key.endswith("position_ids"):
-            report.dropped.append((key, "stale position_ids buffer"))
+            drop(key, "stale position_ids buffer")
             continue
         if key.startswith(prefix) and key[len(prefix):].startswith(_STACK_ROOTS):
             rest = key[len(prefix):]
@@ -154,14 +158,14 @@ def _adapt_stack(state: dict[str, np.ndarray], cfg: BertGenerationConfig, target
                 token_types = (key, value)
                 continue
             if ".crossattention." in rest and not cfg.add_cross_attention:
-                report.dropped.append((key, "cross-attention unused without add_cross_attention"))
+                drop(key, "cross-attention unused without add_cross_attention")
                 continue
             out[target_prefix + rest] = value
         elif key.startswith(prefix + "pooler.") or key.startswith(_HEADS):
             if keep_lm_head and not roberta and key.startswith("lm_head."):
                 out[target_prefix.replace("bert.", "") + key] = value
             else:
-                report.dropped.append((key, "head not part of BertGeneration"))
+                drop(key, "head not part of BertGeneration")
         else:
             out[key] = value  # left for the caller to report as unexpected
     head_bias = out.pop("lm_head.decoder.bias", None)
@@ -170,9 +174,9 @@ def _adapt_stack(state: dict[str, np.ndarray], cfg: BertGenerationConfig, target
         # tie_word_embeddings is false and then never reads lm_head.bias.
         old = out.get("lm_head.bias")
         if old is not None and not np.array_equal(old, head_bias):
-            report.dropped.append(("lm_head.bias", "unused: the untied head computes with lm_head.decoder.bias"))
+            drop("lm_head.bias", "unused: the untied head computes with lm_head.decoder.bias")
         else:
-            report.dropped.append(("lm_head.decoder.bias", "alias of lm_head.bias"))
+            drop("lm_head.decoder.bias", "alias of lm_head.bias")
         out["lm_head.bias"] = head_bias
     pos_key = target_prefix + "embeddings.position_embeddings.weight"
     if roberta and pos_key in out:
@@ -183,9 +187,9 @@ def _adapt_stack(state: dict[str, np.ndarray], cfg: BertGenerationConfig, target
         key, value = token_types
         if fold:
             out[pos_key] = (out[pos_key].astype(np.float32) + value[0].astype(np.float32)).astype(out[pos_key].dtype)
-            report.dropped.append((key, "type-0 row folded into position embeddings"))
+            drop(key, "type-0 row folded into position embeddings")
         else:
-            report.dropped.append((key, "token types are not part of BertGeneration (as transformers drops them)"))
+            drop(key, "token types are not part of BertGeneration (as transformers drops them)")
     return out
 
 
@@ -203,14 +207,14 @@ def adapt(state: Mapping[str, np.ndarray], kind: str, config: Any, report: Repor
         source_type = config.extra.get("_source_model_type", "bert-generation")
         target = "" if kind == ENCODER else "bert."
         return _adapt_stack(state, config, target, report, source_type, fold_token_type_embeddings,
-                            keep_lm_head=kind == DECODER, where="checkpoint")
+                            keep_lm_head=kind == DECODER)
     enc, rest = _split(state, "encoder.")
     dec, rest = _split(rest, "decoder.")
     if not dec:
         raise ConversionError("not an encoder-decoder checkpoint: no 'decoder.*' keys (load it with "
                               "from_encoder_decoder_pretrained to warm-start from separate checkpoints)")
     out = {"decoder." + k: v for k, v in _adapt_stack(dec, config.decoder, "bert.", report, "bert-generation",
-                                                      fold_token_type_embeddings, True, "decoder").items()}
+                                                      fold_token_type_embeddings, True, "decoder.").items()}
     if config.tie_encoder_decoder:
         for key, value in enc.items():
             twin = out.get("decoder.bert." + key)
@@ -225,7 +229,7 @@ def adapt(state: Mapping[str, np.ndarray], kind: str, config: Any, report: Repor
     elif enc:
         out.update({"encoder." + k: v for k, v in _adapt_stack(
             enc, config.encoder, "", report, "bert-generation", fold_token_type_embeddings, False,
-            "encoder").items()})
+            "encoder.").items()})
     out.update(rest)
     return out
 

@@ -1,0 +1,164 @@
+"""Round trips: HF -> ours -> HF is bit-identical and loads in transformers; native save/restore is exact."""
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import bertgen_flax as bg
+from bertgen_flax import checkpoints
+
+from conftest import TINY, perturb_
+
+
+def _seq2seq(path, untied=False, seed=0):
+    torch.manual_seed(seed)
+    enc = transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**TINY))
+    dec = transformers.BertGenerationDecoder(transformers.BertGenerationConfig(
+        **TINY, is_decoder=True, add_cross_attention=True, tie_word_embeddings=not untied))
+    model = transformers.EncoderDecoderModel(encoder=enc, decoder=dec)
+    model.config.decoder_start_token_id, model.config.pad_token_id = 2, 0
+    perturb_(model, seed)
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "ed"
+    _seq2seq(path)
+    return str(path)
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    return rng.integers(3, 99, (2, 7)), rng.integers(3, 99, (2, 5))
+
+
+@pytest.mark.parametrize("untied", [False, True], ids=["tied_head", "untied_head"])
+def test_hf_to_ours_to_hf_is_bit_identical(tmp_path, untied):
+    _seq2seq(tmp_path / "src", untied=untied)
+    model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "src"))
+    model.save_pretrained(str(tmp_path / "out"))
+    before = checkpoints.load_state_dict(str(tmp_path / "src"))
+    after = checkpoints.load_state_dict(str(tmp_path / "out"))
+    assert set(before) <= set(after)
+    # transformers 5.x never reads lm_head.bias of an untied head (it computes with lm_head.decoder.bias):
+    # that dead tensor is the one thing not carried, and the load report says so.
+    dead = {k for k, why in model.load_report.dropped if why.startswith("unused")}
+    assert dead == ({"decoder.lm_head.bias"} if untied else set())
+    for key, value in before.items():
+        if key in dead:
+            continue
+        assert after[key].dtype == value.dtype and np.array_equal(after[key], value), key
+
+
+@pytest.mark.parametrize("untied", [False, True], ids=["tied_head", "untied_head"])
+def test_saved_directory_loads_in_transformers_without_missing_keys_and_same_outputs(tmp_path, untied):
+    ref = _seq2seq(tmp_path / "src", untied=untied, seed=3)
+    bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "src")).save_pretrained(str(tmp_path / "out"))
+    back, info = transformers.EncoderDecoderModel.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    src, tgt = _inputs()
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(src), decoder_input_ids=torch.tensor(tgt)).logits
+        got = back.eval()(input_ids=torch.tensor(src), decoder_input_ids=torch.tensor(tgt)).logits
+    assert torch.equal(want, got)
+
+
+def test_save_writes_config_and_generation_config(hf_dir, tmp_path):
+    bg.EncoderDecoderModel.from_pretrained(hf_dir).save_pretrained(str(tmp_path / "out"))
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert gen["decoder_start_token_id"] == 2 and gen["pad_token_id"] == 0
+    assert cfg["model_type"] == "encoder-decoder" and cfg["decoder"]["add_cross_attention"] is True
+
+
+def test_encoder_and_decoder_round_trip_bit_identically(tmp_path):
+    torch.manual_seed(4)
+    enc = transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**TINY))
+    dec = transformers.BertGenerationDecoder(transformers.BertGenerationConfig(**TINY, is_decoder=True))
+    for model, cls, name in ((enc, bg.BertGenerationEncoder, "enc"), (dec, bg.BertGenerationDecoder, "dec")):
+        perturb_(model, 4)
+        model.save_pretrained(tmp_path / name)
+        cls.from_pretrained(str(tmp_path / name)).save_pretrained(str(tmp_path / f"{name}_out"))
+        before = checkpoints.load_state_dict(str(tmp_path / name))
+        after = checkpoints.load_state_dict(str(tmp_path / f"{name}_out"))
+        for key, value in before.items():
+            assert np.array_equal(after[key], value), key
+        reloaded, info = type(model).from_pretrained(str(tmp_path / f"{name}_out"), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_native_save_and_restore_is_exact(hf_dir, tmp_path):
+    model = bg.EncoderDecoderModel.from_pretrained(hf_dir)
+    model.save_native(str(tmp_path / "native"))
+    assert os.path.isfile(tmp_path / "native" / "bertgen_native.json")
+    again = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "native"))
+    a, b = bg.convert.flatten(model.params), bg.convert.flatten(again.params)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    assert again.config == model.config
+
+
+def test_native_checkpoint_loads_unrolled_with_the_same_outputs(hf_dir, tmp_path):
+    model = bg.EncoderDecoderModel.from_pretrained(hf_dir)
+    model.save_native(str(tmp_path / "native"))
+    unrolled = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "native"), scan_layers=False)
+    src, tgt = _inputs()
+    assert np.allclose(np.asarray(model(src, decoder_input_ids=tgt).logits),
+                       np.asarray(unrolled(src, decoder_input_ids=tgt).logits), atol=1e-6)
+
+
+def test_native_checkpoint_of_another_kind_is_rejected(hf_dir, tmp_path):
+    bg.EncoderDecoderModel.from_pretrained(hf_dir).save_native(str(tmp_path / "native"))
+    with pytest.raises(bg.ConfigError, match="encoder-decoder"):
+        bg.BertGenerationEncoder.from_pretrained(str(tmp_path / "native"))
+
+
+def test_unrolled_model_saves_the_same_checkpoint(hf_dir, tmp_path):
+    bg.EncoderDecoderModel.from_pretrained(hf_dir, scan_layers=False).save_pretrained(str(tmp_path / "out"))
+    before, after = checkpoints.load_state_dict(hf_dir), checkpoints.load_state_dict(str(tmp_path / "out"))
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
+
+
+def test_bfloat16_checkpoint_is_read_and_cast_to_float32_params(hf_dir, tmp_path):
+    state = checkpoints.load_state_dict(hf_dir)
+    os.makedirs(tmp_path / "bf16")
+    checkpoints.write_safetensors(str(tmp_path / "bf16" / "model.safetensors"),
+                                  {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()})
+    (tmp_path / "bf16" / "config.json").write_text(open(os.path.join(hf_dir, "config.json")).read())
+    ref = transformers.EncoderDecoderModel.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32)
+    ours = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "bf16"))
+    assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(ours.params))
+    src, tgt = _inputs()
+    with torch.no_grad():
+        want = ref.eval()(input_ids=torch.tensor(src), decoder_input_ids=torch.tensor(tgt)).logits
+    assert np.abs(np.asarray(ours(src, decoder_input_ids=tgt).logits) - want.numpy()).max() <= 1e-5
+
+
+def test_a_failed_save_leaves_no_output_directory(hf_dir, tmp_path, monkeypatch):
+    model = bg.EncoderDecoderModel.from_pretrained(hf_dir)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints, "write_safetensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_safetensors_writer_round_trips_every_dtype(tmp_path):
+    tensors = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3), "f16": np.ones(3, np.float16),
+               "bf16": np.array([1.5, -2.0], ml_dtypes.bfloat16), "i64": np.array([1, 2], np.int64)}
+    checkpoints.write_safetensors(str(tmp_path / "x.safetensors"), tensors)
+    back = checkpoints.read_safetensors(str(tmp_path / "x.safetensors"))
+    assert all(back[k].dtype == v.dtype and np.array_equal(back[k], v) for k, v in tensors.items())
+    from safetensors.numpy import load_file
+    assert np.array_equal(load_file(str(tmp_path / "x.safetensors"))["f32"], tensors["f32"])
