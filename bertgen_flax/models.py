@@ -286,13 +286,14 @@ def save_native_params(path: str, tree: Mapping) -> None:
     """Stacked params -> an orbax checkpoint directory at ``path`` (which must not exist)."""
     import orbax.checkpoint as ocp
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, jax.tree_util.tree_map(np.asarray, tree))
+        ckptr.save(os.path.abspath(path), jax.tree_util.tree_map(np.asarray, tree))
         ckptr.wait_until_finished()
 
 
 def restore_native_params(path: str, expected: Mapping) -> dict:
     """Restores stacked params, checking every path and shape against the config's."""
     import orbax.checkpoint as ocp
+    path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise checkpoints.CheckpointError(f"native checkpoint is missing its params directory: {path}")
     try:
@@ -306,8 +307,7 @@ def restore_native_params(path: str, expected: Mapping) -> dict:
                 raise convert.ConversionError(f"native params at {path} do not fit the config: differing "
                                               f"(path, shape) entries {diff}")
             target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), expected)
-            restored = ckptr.restore(path, target=jax.tree_util.tree_map(
-                lambda s: np.zeros(s.shape, s.dtype), target))
+            restored = ckptr.restore(path, target)
     except (convert.ConversionError, checkpoints.CheckpointError):
         raise
     except Exception as e:
@@ -458,8 +458,11 @@ class EncoderDecoderModel(PretrainedModel):
         ``decoder_start_token_id``, ``pad_token_id`` and ``eos_token_id`` default to the decoder config's
         ``bos``/``pad``/``eos`` ids (transformers leaves them unset, which breaks training: see the README).
         """
-        enc = BertGenerationEncoder.from_pretrained(encoder_path, dtype, param_dtype=param_dtype,
-                                                    fold_token_type_embeddings=fold_token_type_embeddings)
+        enc = None  # a tied encoder runs the decoder's weights: only its config is read
+        if not tie_encoder_decoder:
+            enc = BertGenerationEncoder.from_pretrained(encoder_path, dtype, param_dtype=param_dtype,
+                                                        fold_token_type_embeddings=fold_token_type_embeddings)
+        enc_config = enc.config if enc is not None else BertGenerationEncoder._read_config(encoder_path, {})
         dec = BertGenerationDecoder.from_pretrained(decoder_path, dtype, param_dtype=param_dtype,
                                                     fold_token_type_embeddings=fold_token_type_embeddings,
                                                     add_cross_attention=True)
@@ -467,14 +470,17 @@ class EncoderDecoderModel(PretrainedModel):
         defaults = dict(decoder_start_token_id=d.bos_token_id, pad_token_id=d.pad_token_id,
                         eos_token_id=d.eos_token_id, bos_token_id=d.bos_token_id)
         config = EncoderDecoderConfig.from_encoder_decoder_configs(
-            enc.config, d, tie_encoder_decoder=tie_encoder_decoder, **{**defaults, **config_kwargs})
+            enc_config, d, tie_encoder_decoder=tie_encoder_decoder, **{**defaults, **config_kwargs})
         model = cls(config, params={}, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
         tree = {"decoder": dec.canonical_params()}
-        report = convert.Report(mapped=enc.load_report.mapped + dec.load_report.mapped,
-                                dropped=enc.load_report.dropped + dec.load_report.dropped,
-                                initialised=dec.load_report.initialised)
+        dr = dec.load_report
+        report = convert.Report(mapped=["decoder." + k for k in dr.mapped],
+                                dropped=[("decoder." + k, why) for k, why in dr.dropped],
+                                initialised=["decoder." + k for k in dr.initialised])
         if not tie_encoder_decoder:
             tree["encoder"] = enc.canonical_params()
+            report.mapped += ["encoder." + k for k in enc.load_report.mapped]
+            report.dropped += [("encoder." + k, why) for k, why in enc.load_report.dropped]
         else:
             report.dropped.append((encoder_path, "encoder weights: the tied encoder uses the decoder's"))
         if config.needs_projection:

@@ -162,3 +162,19 @@ def test_safetensors_writer_round_trips_every_dtype(tmp_path):
     assert all(back[k].dtype == v.dtype and np.array_equal(back[k], v) for k, v in tensors.items())
     from safetensors.numpy import load_file
     assert np.array_equal(load_file(str(tmp_path / "x.safetensors"))["f32"], tensors["f32"])
+
+
+def test_tied_warm_start_has_one_shared_tree_and_the_encoder_equals_the_checkpoint(tmp_path):
+    torch.manual_seed(7)
+    ref = transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**TINY))
+    perturb_(ref, 7)
+    ref.eval().save_pretrained(tmp_path / "enc")
+    model = bg.EncoderDecoderModel.from_encoder_decoder_pretrained(str(tmp_path / "enc"), str(tmp_path / "enc"),
+                                                                   tie_encoder_decoder=True)
+    assert set(model.params) == {"decoder"} and model.config.tie_encoder_decoder
+    assert any(k.startswith("decoder.bert.encoder.layer.0.crossattention") for k in model.load_report.initialised)
+    src = np.random.default_rng(0).integers(3, 99, (2, 7))
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(src)).last_hidden_state
+    got = model.encode(src).last_hidden_state
+    assert np.abs(np.asarray(got) - want.numpy()).max() <= 1e-5
