@@ -219,6 +219,10 @@ class Attention(nn.Module):
                 k, v = self._update_cache(k, v, offset)                         # [B, S_max, N, D]
             key_positions = jnp.arange(k.shape[1])
 
+        groups = q.shape[0] // k.shape[0]
+        if groups > 1:
+            # Cross K/V shared by the `groups` beams (or samples) of each source: fold them into the query axis.
+            q = q.reshape(k.shape[0], groups * t, *q.shape[2:])                  # [B_src, G * T, N, D]
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k)                             # [B, N, T, S]
         if self.relative:
             pe = proj.distances(query_positions, key_positions).astype(q.dtype)  # [T, S, D]
@@ -240,7 +244,10 @@ class Attention(nn.Module):
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         if head_mask is not None:
             probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-        context = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, t, cfg.hidden_size)
+        context = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, t, cfg.hidden_size)  # [B, T, H]
+        if groups > 1 and output_attentions:
+            probs = probs.reshape(k.shape[0], -1, groups, t, probs.shape[-1]).swapaxes(1, 2).reshape(
+                b, -1, t, probs.shape[-1])
         out = DenseResidualNorm(cfg, self.dtype, self.param_dtype, name="output")(context, x, deterministic)
         return out, (probs if output_attentions else None)
 

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,9 @@ from .config import (CONFIG_NAME, GENERATION_CONFIG_NAME, BertGenerationConfig, 
                      load_config, read_json)
 from .modeling import (BertGenerationDecoderModule, BertGenerationModule, EncoderDecoderModule, LMOutput,
                        Seq2SeqOutput, StackOutput)
+
+if TYPE_CHECKING:
+    from .decoding import GenerationConfig
 
 NATIVE_MARKER = "bertgen_native.json"
 NATIVE_PARAMS = "params"
@@ -248,6 +251,21 @@ class PretrainedModel:
                 gen.setdefault(key, value)
         return gen if self.kind != convert.ENCODER else {}
 
+    # ---- generation defaults --------------------------------------------------------------------------------
+    def generation_defaults(self) -> "GenerationConfig":
+        """Defaults for ``generate``: ``generation_config.json``, else legacy keys of config.json, plus ids."""
+        from .decoding import GenerationConfig
+        cfg = self.config
+        ids = {}
+        for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(cfg, key, None)
+            if value is None and isinstance(cfg, EncoderDecoderConfig):
+                value = getattr(cfg.decoder, key, None) if key != "decoder_start_token_id" else None
+            if value is not None:
+                ids[key] = value
+        legacy = {k: v for k, v in getattr(cfg, "extra", {}).items()}
+        return GenerationConfig.from_dict({**legacy, **ids, **self.generation_config})
+
     # ---- calling ------------------------------------------------------------------------------------------
     def _apply(self, method: str, args: tuple, kwargs: Mapping[str, Any], static: Mapping[str, Any],
                train: bool, dropout_rng: Optional[jax.Array], cache: Optional[Mapping] = None):
@@ -425,6 +443,21 @@ class BertGenerationDecoder(PretrainedModel):
         return out.replace(past_key_values=variables["cache"])
 
 
+    def generate(self, input_ids: Any, attention_mask: Any = None, *, seed: Optional[int] = None,
+                 rng: Optional[jax.Array] = None, return_scores: bool = False, **knobs: Any):
+        """Continues left-padded prompts as a causal LM (``transformers`` ``generate`` semantics).
+
+        Returns sequences [batch * num_return_sequences, length], prompt included, and the sequence scores
+        with ``return_scores=True``. Knobs are ``GenerationConfig`` fields; defaults come from the checkpoint.
+        """
+        from .generation import causal_generate
+        cfg = self.config
+        ids = _ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
+        gen = self.generation_defaults().merged(**knobs)
+        return causal_generate(self.module, self.params, ids, attention_mask, gen, rng=rng, seed=seed,
+                               return_scores=return_scores, max_positions=cfg.max_position_embeddings)
+
+
 def _cache_length(cache: Mapping) -> int:
     for path, leaf in convert.flatten(cache).items():
         if path[-1] == "cached_key":
@@ -535,6 +568,27 @@ class EncoderDecoderModel(PretrainedModel):
                  decoder_head_mask=decoder_head_mask),
             dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states),
             train, dropout_rng)
+
+    def generate(self, input_ids: Any, attention_mask: Any = None, *, decoder_input_ids: Any = None,
+                 seed: Optional[int] = None, rng: Optional[jax.Array] = None, return_scores: bool = False,
+                 **knobs: Any):
+        """Batch generation in one compiled program (``transformers`` ``generate`` semantics).
+
+        Returns sequences [batch * num_return_sequences, length] starting with the decoder start token, padded
+        after EOS, and the sequence scores with ``return_scores=True``. Knobs are ``GenerationConfig`` fields
+        (``max_new_tokens``, ``num_beams``, ``do_sample``, ...); defaults come from the checkpoint.
+        """
+        from .generation import seq2seq_generate
+        enc, dec = self.config.encoder, self.config.decoder
+        ids = _ids(input_ids, "input_ids", enc.vocab_size, enc.max_position_embeddings)
+        if attention_mask is not None:
+            _mask(attention_mask, "attention_mask", ids.shape)
+        prompt = _ids(decoder_input_ids, "decoder_input_ids", dec.vocab_size, dec.max_position_embeddings)
+        gen = self.generation_defaults().merged(**knobs)
+        return seq2seq_generate(self.module, self.params, ids, attention_mask, gen, decoder_input_ids=prompt,
+                                rng=rng, seed=seed, return_scores=return_scores,
+                                max_positions=dec.max_position_embeddings,
+                                source_limit=enc.max_position_embeddings)
 
     def encode(self, input_ids: Any, attention_mask: Any = None) -> StackOutput:
         cfg = self.config.encoder

@@ -1,0 +1,446 @@
+"""Model-agnostic search: greedy, sampling and beam search over one step function, in one compiled loop.
+
+The seam to the model is two callables (closed over parameters by the caller):
+
+    prefill(cache, prompt [N, P]) -> (logits [N, V], cache)     # the whole prompt in one pass
+    step(cache, tokens [N, 1])    -> (logits [N, V], cache)     # one token against the cache
+    reorder(cache, rows [N])      -> cache                       # beam search: rows follow their parents
+
+This module never imports modeling code. The semantics follow transformers' PyTorch ``generate`` (5.x) so that
+float32 outputs are token-for-token identical: logits processors in the same order and with the same edge cases,
+and beam search with transformers' vectorised bookkeeping (top 2K candidates, only an EOS among the top K may
+finish, the same length penalty and early-stopping heuristics).
+
+Loop: ``lax.while_loop`` over chunks of ``lax.scan`` steps; a step after every sequence finished is skipped with
+``lax.cond``. No Python loop over steps and no host round trip per step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+NEG_INF = -float("inf")
+BEAM_NEG = -1.0e9  # transformers' "very large negative" for beam bookkeeping
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Knobs with transformers' ``GenerationConfig`` meaning and defaults (5.x global defaults)."""
+
+    max_length: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    min_length: int = 0
+    min_new_tokens: Optional[int] = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    num_return_sequences: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = 50
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    bad_words_ids: Optional[tuple] = None
+    forced_eos_token_id: Optional[Union[int, tuple]] = None
+    decoder_start_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[Union[int, tuple]] = None
+    pad_token_id: Optional[int] = None
+
+    _FIELDS = ()  # filled below
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GenerationConfig":
+        """Known keys of a ``generation_config.json`` (or legacy ``config.json``) dict; others are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: _freeze(v) for k, v in data.items() if k in known and v is not None}
+        return cls(**kwargs)
+
+    def merged(self, **overrides: Any) -> "GenerationConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown generation options: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **{k: _freeze(v) for k, v in overrides.items()})
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        return () if e is None else (e,) if isinstance(e, int) else tuple(e)
+
+    def validate(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                             f"({self.num_beams})")
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
+            raise ValueError("greedy search returns one sequence per input: num_return_sequences > 1 needs "
+                             "num_beams > 1 or do_sample=True")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.bad_words_ids is not None:
+            if not self.bad_words_ids or any(not seq for seq in self.bad_words_ids):
+                raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists, got "
+                                 f"{self.bad_words_ids!r}")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """Everything static about one compiled search (hashable: part of the jit cache key)."""
+
+    max_length: int          # total decoder length, prompt included
+    prompt_length: int       # P: decoder prompt columns (left-padded prompts share it)
+    min_length: int
+    min_new_tokens: int
+    num_beams: int
+    num_return_sequences: int
+    do_sample: bool
+    length_penalty: float
+    early_stopping: Union[bool, str]
+    temperature: float
+    top_k: int
+    top_p: float
+    no_repeat_ngram_size: int
+    repetition_penalty: float
+    bad_words_ids: tuple
+    forced_eos_ids: tuple
+    eos_ids: tuple
+    pad_token_id: int
+    beam_fill_id: int        # what transformers' beam search writes after EOS
+    chunk: int = 8
+
+    @classmethod
+    def build(cls, config: GenerationConfig, prompt_length: int, max_positions: Optional[int] = None,
+              chunk: int = 8) -> "SearchSpec":
+        """Resolves lengths the way transformers does (``max_new_tokens`` wins over ``max_length``)."""
+        config.validate()
+        if config.max_new_tokens is not None:
+            max_length = config.max_new_tokens + prompt_length
+        elif config.max_length is not None:
+            max_length = config.max_length
+        else:  # transformers' default: 20 new tokens, capped at the positions
+            max_length = 20 + prompt_length
+            if max_positions is not None:
+                max_length = min(max_length, max_positions)
+        if max_length <= prompt_length:
+            raise ValueError(f"max_length ({max_length}) leaves no room to generate after a prompt of "
+                             f"{prompt_length} tokens")
+        if max_positions is not None and max_length > max_positions:
+            raise ValueError(f"max_length {max_length} exceeds the model's max_position_embeddings={max_positions}")
+        min_length = config.min_length
+        if config.min_new_tokens is not None:
+            min_length = config.min_new_tokens + prompt_length
+        eos = config.eos_ids
+        pad = config.pad_token_id
+        if pad is None:
+            pad = eos[0] if eos else 0
+        forced = config.forced_eos_token_id
+        forced = () if forced is None else (forced,) if isinstance(forced, int) else tuple(forced)
+        bad = tuple(tuple(s) for s in (config.bad_words_ids or ()) if not (len(s) == 1 and s[0] in eos))
+        return cls(max_length=max_length, prompt_length=prompt_length, min_length=min_length,
+                   min_new_tokens=config.min_new_tokens or 0, num_beams=config.num_beams,
+                   num_return_sequences=config.num_return_sequences, do_sample=config.do_sample,
+                   length_penalty=float(config.length_penalty), early_stopping=config.early_stopping,
+                   temperature=float(config.temperature), top_k=int(config.top_k or 0),
+                   top_p=float(config.top_p), no_repeat_ngram_size=config.no_repeat_ngram_size,
+                   repetition_penalty=float(config.repetition_penalty), bad_words_ids=bad, forced_eos_ids=forced,
+                   eos_ids=eos, pad_token_id=pad,
+                   beam_fill_id=(config.pad_token_id or (eos[0] if eos else -1)) if eos else -1, chunk=chunk)
+
+
+# ---- logits processors (transformers' order) ------------------------------------------------------------------
+def process_scores(spec: SearchSpec, scores: Array, sequences: Array, cur_len: Array,
+                   ignore_before: Optional[Array] = None) -> Array:
+    """Applies transformers' logits processors to ``scores`` [N, V] given ``sequences`` [N, L] of ``cur_len``."""
+    n, v = scores.shape
+    length = sequences.shape[1]
+    pos = jnp.arange(length)
+    filled = pos[None, :] < cur_len                                             # [1, L]
+    if spec.repetition_penalty != 1.0:
+        valid = filled if ignore_before is None else filled & (pos[None, :] >= ignore_before[:, None])
+        seen = _token_mask(sequences, valid, v)
+        p = spec.repetition_penalty
+        scores = jnp.where(seen, jnp.where(scores < 0, scores * p, scores / p), scores)
+    if spec.no_repeat_ngram_size > 0:
+        scores = _no_repeat_ngram(scores, sequences, cur_len, spec.no_repeat_ngram_size)
+    if spec.bad_words_ids:
+        scores = _bad_words(scores, sequences, cur_len, spec.bad_words_ids)
+    eos = jnp.zeros((v,), bool).at[jnp.array(spec.eos_ids, jnp.int32)].set(True) if spec.eos_ids else None
+    if eos is not None and spec.min_length > 0:
+        scores = jnp.where(eos & (cur_len < spec.min_length), NEG_INF, scores)
+    if eos is not None and spec.min_new_tokens > 0:
+        scores = jnp.where(eos & (cur_len - spec.prompt_length < spec.min_new_tokens), NEG_INF, scores)
+    if spec.forced_eos_ids:
+        forced = jnp.full((v,), NEG_INF).at[jnp.array(spec.forced_eos_ids)].set(0.0)
+        scores = jnp.where(cur_len == spec.max_length - 1, forced[None, :], scores)
+    if spec.do_sample:
+        keep = _min_tokens_to_keep(spec)
+        if spec.temperature != 1.0:
+            scores = scores / spec.temperature
+        if spec.top_k:
+            k = min(max(spec.top_k, keep), v)
+            kth = jax.lax.top_k(scores, k)[0][:, -1:]
+            scores = jnp.where(scores < kth, NEG_INF, scores)
+        if spec.top_p < 1.0:
+            scores = _top_p(scores, spec.top_p, keep)
+    return scores
+
+
+def _min_tokens_to_keep(spec: SearchSpec) -> int:
+    if spec.num_beams > 1:
+        return len(spec.eos_ids) + 1 if spec.eos_ids else 2
+    return 1
+
+
+def _token_mask(sequences: Array, valid: Array, vocab: int) -> Array:
+    """[N, V] True where a token occurs at a valid position of its row."""
+    n = sequences.shape[0]
+    ids = jnp.where(valid, jnp.clip(sequences, 0, vocab), vocab)
+    return jnp.zeros((n, vocab + 1), bool).at[jnp.arange(n)[:, None], ids].set(True)[:, :vocab]
+
+
+def _no_repeat_ngram(scores: Array, sequences: Array, cur_len: Array, n: int) -> Array:
+    """Bans every token that would complete an n-gram already present in the row."""
+    rows, length = sequences.shape
+    starts = jnp.arange(length - n + 1)                                          # window starts
+    windows = jnp.stack([sequences[:, i:length - n + 1 + i] for i in range(n)], axis=-1)  # [N, W, n]
+    prefix = jax.lax.dynamic_slice_in_dim(jnp.pad(sequences, ((0, 0), (n, 0))), cur_len + 1, n - 1, axis=1)
+    match = jnp.all(windows[:, :, :-1] == prefix[:, None, :], axis=-1)          # [N, W]
+    match &= (starts[None, :] + n <= cur_len) & (cur_len >= n)
+    banned = _token_mask(windows[:, :, -1], match, scores.shape[1])
+    return jnp.where(banned, NEG_INF, scores)
+
+
+def _bad_words(scores: Array, sequences: Array, cur_len: Array, bad_words: tuple) -> Array:
+    v = scores.shape[1]
+    single = [s[0] for s in bad_words if len(s) == 1 and s[0] < v]
+    if single:
+        scores = scores.at[:, jnp.array(single)].set(NEG_INF)
+    padded = jnp.pad(sequences, ((0, 0), (max((len(s) for s in bad_words), default=1), 0)))
+    width = padded.shape[1] - sequences.shape[1]
+    for seq in bad_words:
+        if len(seq) == 1 or seq[-1] >= v:
+            continue
+        m = len(seq) - 1
+        tail = jax.lax.dynamic_slice_in_dim(padded, cur_len + width - m, m, axis=1)       # last m tokens
+        hit = jnp.all(tail == jnp.array(seq[:-1])[None, :], axis=1) & (m <= cur_len)
+        scores = scores.at[:, seq[-1]].set(jnp.where(hit, NEG_INF, scores[:, seq[-1]]))
+    return scores
+
+
+def _top_p(scores: Array, top_p: float, keep: int) -> Array:
+    order = jnp.argsort(scores, axis=-1)                                         # ascending, as transformers
+    sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)
+    remove_sorted = cum <= (1 - top_p)
+    remove_sorted = remove_sorted.at[:, -keep:].set(False)
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(scores.shape[0])[:, None], order].set(remove_sorted)
+    return jnp.where(remove, NEG_INF, scores)
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------
+def _run_loop(state: Any, body: Callable[[Any], Any], done: Callable[[Any], Array], max_steps: int,
+              chunk: int) -> Any:
+    """``lax.while_loop`` over chunks of ``lax.scan``; steps after ``done`` are skipped with ``lax.cond``."""
+    chunk = max(1, min(chunk, max_steps))
+    n_chunks = -(-max_steps // chunk)
+
+    def one(s, _):
+        return jax.lax.cond(done(s), lambda x: x, body, s), None
+
+    def chunk_body(carry):
+        i, s = carry
+        s, _ = jax.lax.scan(one, s, None, length=chunk)
+        return i + 1, s
+
+    def cond(carry):
+        i, s = carry
+        return (i < n_chunks) & ~done(s)
+
+    return jax.lax.while_loop(cond, chunk_body, (jnp.array(0, jnp.int32), state))[1]
+
+
+def generate(spec: SearchSpec, prefill: Callable, step: Callable, reorder: Callable, cache: Any,
+             prompt: Array, rng: Optional[Array] = None, ignore_before: Optional[Array] = None
+             ) -> tuple[Array, Array, Array]:
+    """Runs one search. ``prompt`` [N, P] already holds ``num_beams`` (or ``num_return_sequences``) copies of
+    each input, grouped by input. Returns (sequences [B * R, max_length], scores [B * R], lengths [B * R]).
+
+    Sequences are padded to ``max_length``; ``lengths`` gives the row lengths transformers would return before
+    its batch-wide trim (the caller trims to the longest).
+    """
+    if spec.num_beams > 1:
+        return _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before)
+    return _sample_or_greedy(spec, prefill, step, cache, prompt, rng, ignore_before)
+
+
+def _sample_or_greedy(spec, prefill, step, cache, prompt, rng, ignore_before):
+    n, p = prompt.shape
+    length = spec.max_length
+    sequences = jnp.full((n, length), spec.pad_token_id, jnp.int32).at[:, :p].set(prompt)
+    logits, cache = prefill(cache, prompt)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    eos = jnp.array(spec.eos_ids or (-1,), jnp.int32)
+    state = dict(cur_len=jnp.array(p, jnp.int32), sequences=sequences, unfinished=jnp.ones((n,), bool),
+                 logits=logits.astype(jnp.float32), cache=cache, rng=rng, score=jnp.zeros((n,), jnp.float32))
+
+    def body(s):
+        scores = process_scores(spec, s["logits"], s["sequences"], s["cur_len"], ignore_before)
+        rng, key = jax.random.split(s["rng"])
+        if spec.do_sample:
+            tokens = jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
+        else:
+            tokens = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        if spec.eos_ids:
+            tokens = jnp.where(s["unfinished"], tokens, spec.pad_token_id)
+        logp = jax.nn.log_softmax(scores, axis=-1)
+        score = s["score"] + jnp.where(s["unfinished"], jnp.take_along_axis(logp, tokens[:, None], 1)[:, 0], 0.0)
+        seqs = jax.lax.dynamic_update_slice_in_dim(s["sequences"], tokens[:, None], s["cur_len"], axis=1)
+        unfinished = s["unfinished"] & ~jnp.isin(tokens, eos)
+        cur_len = s["cur_len"] + 1
+        new = dict(cur_len=cur_len, sequences=seqs, unfinished=unfinished, rng=rng, score=score,
+                   logits=s["logits"], cache=s["cache"])
+        # The next forward is only needed while something is left to generate.
+        logits, cache = jax.lax.cond(_greedy_done(new, length), lambda c: (s["logits"], c),
+                                     lambda c: step(c, tokens[:, None]), s["cache"])
+        new["logits"], new["cache"] = logits.astype(jnp.float32), cache
+        return new
+
+    state = _run_loop(state, body, lambda s: _greedy_done(s, length), length - p, spec.chunk)
+    final_len = jnp.full((n,), state["cur_len"])
+    return state["sequences"], state["score"], final_len
+
+
+def _greedy_done(s, length):
+    return (s["cur_len"] >= length) | ~jnp.any(s["unfinished"])
+
+
+def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before):
+    """transformers' vectorised beam search (``GenerationMixin._beam_search``), with fixed shapes."""
+    k = spec.num_beams
+    n, p = prompt.shape
+    b = n // k
+    length = spec.max_length
+    v_keep = max(2, 1 + len(spec.eos_ids)) * k                                  # beams_to_keep
+    top_k_mask = jnp.arange(v_keep) < k
+    fill = spec.beam_fill_id
+    running = jnp.full((b, k, length), fill, jnp.int32).at[:, :, :p].set(prompt.reshape(b, k, p))
+    logits, cache = prefill(cache, prompt)
+    eos = jnp.array(spec.eos_ids or (-1,), jnp.int32)
+    state = dict(
+        cur_len=jnp.array(p, jnp.int32), running=running, running_scores=jnp.zeros((b, k)).at[:, 1:].set(BEAM_NEG),
+        sequences=running, beam_scores=jnp.full((b, k), BEAM_NEG), finished=jnp.zeros((b, k), bool),
+        improvable=jnp.ones((b, 1), bool), hits=jnp.zeros((b, k), bool), stop=jnp.array(False),
+        gen_len=jnp.zeros((b, k), jnp.int32), running_gen_len=jnp.zeros((b, k), jnp.int32),
+        logits=logits.astype(jnp.float32), cache=cache, rng=jax.random.PRNGKey(0) if rng is None else rng)
+    rows = jnp.arange(b)[:, None]
+
+    def body(s):
+        cur_len = s["cur_len"]
+        flat_running = s["running"].reshape(n, length)
+        log_probs = jax.nn.log_softmax(s["logits"], axis=-1)
+        log_probs = process_scores(spec, log_probs, flat_running, cur_len, ignore_before)
+        vocab = log_probs.shape[-1]
+        acc = (log_probs.reshape(b, k, vocab) + s["running_scores"][:, :, None]).reshape(b, k * vocab)
+        rng, key = jax.random.split(s["rng"])
+        if spec.do_sample:  # sampling without replacement from softmax(acc): Gumbel top-k
+            gumbel = -jnp.log(-jnp.log(jax.random.uniform(key, acc.shape, minval=1e-20, maxval=1.0)))
+            idx = jax.lax.top_k(jnp.where(jnp.isfinite(acc), acc + gumbel, NEG_INF), v_keep)[1]
+            top_lp = jnp.take_along_axis(acc, idx, axis=1)
+        else:
+            top_lp, idx = jax.lax.top_k(acc, v_keep)                             # [B, 2K]
+        parent = idx // vocab
+        token = (idx % vocab).astype(jnp.int32)
+        top_seqs = s["running"][rows, parent]                                    # [B, 2K, L]
+        top_seqs = jax.lax.dynamic_update_slice_in_dim(top_seqs, token[:, :, None], cur_len, axis=2)
+        top_gen_len = s["running_gen_len"][rows, parent] + 1
+        hits = jnp.isin(token, eos) | (cur_len + 1 >= length)                   # EOS or max length
+        # running beams for the next step: the best K that did not stop
+        top_running_lp = top_lp + hits.astype(jnp.float32) * BEAM_NEG
+        nxt = jax.lax.top_k(top_running_lp, k)[1]
+        running = top_seqs[rows, nxt]
+        running_scores = jnp.take_along_axis(top_running_lp, nxt, axis=1)
+        running_gen_len = jnp.take_along_axis(top_gen_len, nxt, axis=1)
+        beam_parent = jnp.take_along_axis(parent, nxt, axis=1)                  # [B, K]
+        # finished hypotheses: only an EOS among the top K candidates may enter
+        just_finished = hits & top_k_mask[None, :]
+        fin_lp = top_lp / ((cur_len + 1 - p).astype(jnp.float32) ** spec.length_penalty)
+        full = jnp.all(s["finished"], axis=-1, keepdims=True) & (spec.early_stopping is True)
+        fin_lp = fin_lp + full.astype(jnp.float32) * BEAM_NEG
+        fin_lp = fin_lp + (~s["improvable"]).astype(jnp.float32) * BEAM_NEG
+        fin_lp = fin_lp + (~just_finished).astype(jnp.float32) * BEAM_NEG
+        merged_seqs = jnp.concatenate([s["sequences"], top_seqs], axis=1)
+        merged_scores = jnp.concatenate([s["beam_scores"], fin_lp], axis=1)
+        merged_fin = jnp.concatenate([s["finished"], just_finished], axis=1)
+        merged_len = jnp.concatenate([s["gen_len"], top_gen_len], axis=1)
+        keep = jax.lax.top_k(merged_scores, k)[1]
+        sequences = merged_seqs[rows, keep]
+        beam_scores = jnp.take_along_axis(merged_scores, keep, axis=1)
+        finished = jnp.take_along_axis(merged_fin, keep, axis=1)
+        gen_len = jnp.take_along_axis(merged_len, keep, axis=1)
+        cur_len = cur_len + 1
+        # early-stopping heuristic and the loop's stopping rule
+        if spec.early_stopping == "never" and spec.length_penalty > 0.0:
+            best_len = length - p
+        else:
+            best_len = cur_len - p
+        best_running = running_scores[:, :1] / (jnp.asarray(best_len, jnp.float32) ** spec.length_penalty)
+        worst_finished = jnp.where(finished, jnp.min(beam_scores, axis=1, keepdims=True), BEAM_NEG)
+        improvable = s["improvable"] & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
+        open_beam = ~(jnp.all(finished) & (spec.early_stopping is True))
+        stop = ~(jnp.any(improvable) & open_beam & ~jnp.all(hits))
+        new = dict(cur_len=cur_len, running=running, running_scores=running_scores, sequences=sequences,
+                   beam_scores=beam_scores, finished=finished, improvable=improvable, hits=hits[:, :k],
+                   stop=stop, gen_len=gen_len, running_gen_len=running_gen_len, rng=rng)
+        src_rows = (beam_parent + jnp.arange(b)[:, None] * k).reshape(n)
+
+        def advance(c):
+            c = reorder(c, src_rows)
+            return step(c, running[:, :, cur_len - 1].reshape(n, 1))
+
+        logits, cache = jax.lax.cond(stop | (cur_len >= length), lambda c: (s["logits"], c), advance, s["cache"])
+        new["logits"], new["cache"] = logits.astype(jnp.float32), cache
+        return new
+
+    def done(s):
+        return s["stop"] | (s["cur_len"] >= length)
+
+    state = _run_loop(state, body, done, length - p, spec.chunk)
+    r = spec.num_return_sequences
+    sequences = state["sequences"][:, :r].reshape(b * r, length)
+    scores = state["beam_scores"][:, :r].reshape(b * r)
+    lengths = (p + state["gen_len"][:, :r]).reshape(b * r)
+    return sequences, scores, lengths
+
+
+def trim(sequences: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """transformers' batch-wide trim: every row cut to the longest row's length."""
+    return sequences[:, : int(np.max(lengths))]
+
+
+def expand_rows(x: Any, times: int) -> Any:
+    """[B, ...] -> [B * times, ...], copies of a row adjacent (transformers' ``repeat_interleave`` layout)."""
+    return None if x is None else jnp.repeat(jnp.asarray(x), times, axis=0)

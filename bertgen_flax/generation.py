@@ -1,0 +1,196 @@
+"""Glue between the linen modules and ``decoding``: step functions, cache handling, buckets and compiled programs.
+
+One compiled program per (batch bucket, source-length bucket, search spec): the encoder runs once, cross-attention
+keys/values are computed once per source (shared by its beams or samples: the decoder folds the copies into the
+query axis), the self-attention cache is preallocated, and the whole search runs inside that program.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import decoding
+from .decoding import GenerationConfig, SearchSpec
+
+TRACE_COUNTS: dict[str, int] = {"seq2seq": 0, "causal": 0}  # incremented when a program is traced (compiled)
+
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def bucket(n: int, limit: Optional[int] = None, minimum: int = 1) -> int:
+    """Smallest bucket >= n: powers of two up to 128, then multiples of 64 (capped at ``limit``)."""
+    n = max(n, minimum)
+    for b in _SIZE_BUCKETS:
+        if b >= n:
+            out = b
+            break
+    else:
+        out = -(-n // 64) * 64
+    return min(out, limit) if limit is not None and n <= limit else out
+
+
+def reorder_cache(cache: Any, rows: jax.Array) -> Any:
+    """Beam reordering: self-attention K/V rows follow their parents; cross K/V and indices stay."""
+    def fix(path, leaf):
+        name = getattr(path[-1], "key", None)
+        if name in ("cached_key", "cached_value"):
+            axis = leaf.ndim - 4  # a leading layer axis when layers are scanned
+            return jnp.take(leaf, rows, axis=axis)
+        return leaf
+    return jax.tree_util.tree_map_with_path(fix, cache)
+
+
+def _expand(spec: SearchSpec) -> int:
+    return spec.num_beams if spec.num_beams > 1 else spec.num_return_sequences
+
+
+@functools.lru_cache(maxsize=64)
+def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int) -> Callable:
+    from .modeling import EncoderDecoderModule
+    copies = _expand(spec)
+
+    def program(params, src, src_mask, prompt, rng):
+        TRACE_COUNTS["seq2seq"] += 1
+        enc = module.apply({"params": params}, src, src_mask, method=EncoderDecoderModule.encode).last_hidden_state
+        n = batch * copies
+        shapes = jax.eval_shape(lambda: module.init(
+            jax.random.PRNGKey(0), jnp.zeros((n, spec.max_length), jnp.int32), enc, decode=True,
+            method=EncoderDecoderModule.decode)["cache"])
+        cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def run(cache, tokens, states):
+            out, variables = module.apply({"params": params, "cache": cache}, tokens, states, src_mask, decode=True,
+                                          method=EncoderDecoderModule.decode, mutable=["cache"])
+            return out.logits[:, -1].astype(jnp.float32), variables["cache"]
+
+        prefill = lambda cache, tokens: run(cache, tokens, enc)
+        step = lambda cache, tokens: run(cache, tokens, None)
+        return decoding.generate(spec, prefill, step, reorder_cache, cache,
+                                 jnp.repeat(prompt, copies, axis=0), rng)
+
+    return jax.jit(program)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_program(module: Any, spec: SearchSpec, batch: int) -> Callable:
+    copies = _expand(spec)
+
+    def program(params, prompt, prompt_mask, rng):
+        TRACE_COUNTS["causal"] += 1
+        n = batch * copies
+        prompt = jnp.repeat(prompt, copies, axis=0)
+        prompt_mask = jnp.repeat(prompt_mask, copies, axis=0)
+        p = prompt.shape[1]
+        full_mask = jnp.concatenate([prompt_mask, jnp.ones((n, spec.max_length - p), prompt_mask.dtype)], axis=1)
+        # transformers derives positions from the mask: left padding does not shift the real tokens' positions
+        pad_before = p - prompt_mask.sum(axis=1)                                  # [N]
+        prompt_positions = jnp.clip(jnp.cumsum(prompt_mask, axis=1) - 1, 0, None)
+        prompt_positions = jnp.where(prompt_mask == 1, prompt_positions, 1)
+        shapes = jax.eval_shape(lambda: module.init(
+            jax.random.PRNGKey(0), jnp.zeros((n, spec.max_length), jnp.int32), decode=True)["cache"])
+        cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def run(cache, tokens, positions):
+            out, variables = module.apply({"params": params, "cache": cache}, tokens, full_mask, positions,
+                                          decode=True, mutable=["cache"])
+            return out.logits[:, -1].astype(jnp.float32), variables["cache"]
+
+        def step(cache, tokens):
+            index = cache["bert"]["cache_index"]
+            return run(cache, tokens, (index - pad_before)[:, None])
+
+        prefill = lambda cache, tokens: run(cache, tokens, prompt_positions)
+        ignore = jnp.argmax(prompt_mask != 0, axis=1)  # repetition penalty skips left padding, as transformers
+        return decoding.generate(spec, prefill, step, reorder_cache, cache, prompt, rng, ignore_before=ignore)
+
+    return jax.jit(program)
+
+
+def _pad_rows(x: np.ndarray, rows: int, value: int) -> np.ndarray:
+    if x.shape[0] == rows:
+        return x
+    pad = np.full((rows - x.shape[0],) + x.shape[1:], value, x.dtype)
+    return np.concatenate([x, pad], axis=0)
+
+
+def _pad_cols(x: np.ndarray, cols: int, value: int) -> np.ndarray:
+    if x.shape[1] == cols:
+        return x
+    return np.pad(x, ((0, 0), (0, cols - x.shape[1])), constant_values=value)
+
+
+def _rng(seed: Optional[int], rng: Optional[jax.Array]) -> jax.Array:
+    if rng is not None:
+        return rng
+    return jax.random.PRNGKey(0 if seed is None else seed)
+
+
+def _finish(spec: SearchSpec, sequences, scores, lengths, batch: int, return_scores: bool):
+    """Drops bucket rows and trims to the longest real row, as transformers lays out its output."""
+    rows = batch * spec.num_return_sequences
+    sequences, scores, lengths = (np.asarray(x)[:rows] for x in (sequences, scores, lengths))
+    if spec.num_beams == 1:
+        lengths = _greedy_lengths(spec, sequences)
+    out = jnp.asarray(decoding.trim(sequences, lengths))
+    return (out, jnp.asarray(scores)) if return_scores else out
+
+
+def _greedy_lengths(spec: SearchSpec, sequences: np.ndarray) -> np.ndarray:
+    """Where each row stopped: after its first EOS past the prompt, else at max_length."""
+    p = spec.prompt_length
+    if not spec.eos_ids:
+        return np.full(len(sequences), spec.max_length)
+    is_eos = np.isin(sequences[:, p:], spec.eos_ids)
+    first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, spec.max_length - p)
+    return p + first
+
+
+def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_mask: Optional[np.ndarray],
+                     config: GenerationConfig, *, decoder_input_ids: Optional[np.ndarray] = None,
+                     rng: Optional[jax.Array] = None, seed: Optional[int] = None, return_scores: bool = False,
+                     max_positions: Optional[int] = None, source_limit: Optional[int] = None):
+    """The pure functional entry point: (module, params, inputs, config) -> sequences [B * R, length]."""
+    input_ids = np.asarray(input_ids, np.int32)
+    b, s = input_ids.shape
+    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if decoder_input_ids is None:
+        start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.bos_token_id
+        if start is None:
+            raise ValueError("decoder_start_token_id (or bos_token_id) has to be defined for encoder-decoder "
+                             "generation: set it in the config or pass decoder_start_token_id=...")
+        decoder_input_ids = np.full((b, 1), start, np.int32)
+    prompt = np.asarray(decoder_input_ids, np.int32)
+    spec = SearchSpec.build(config, prompt.shape[1], max_positions)
+    bb, sb = bucket(b), bucket(s, source_limit, minimum=8)
+    pad = spec.pad_token_id
+    src = _pad_cols(_pad_rows(input_ids, bb, pad), sb, pad)
+    src_mask = _pad_cols(_pad_rows(mask, bb, 1), sb, 0)
+    prompt = _pad_rows(prompt, bb, prompt[0, 0] if prompt.size else 0)
+    program = _seq2seq_program(module, spec, bb, sb)
+    sequences, scores, lengths = program(params, src, src_mask, prompt, _rng(seed, rng))
+    return _finish(spec, sequences, scores, lengths, b, return_scores)
+
+
+def causal_generate(module: Any, params: Any, input_ids: np.ndarray, attention_mask: Optional[np.ndarray],
+                    config: GenerationConfig, *, rng: Optional[jax.Array] = None, seed: Optional[int] = None,
+                    return_scores: bool = False, max_positions: Optional[int] = None):
+    """Decoder-only generation continuing left-padded prompts (prefilled in one pass)."""
+    input_ids = np.asarray(input_ids, np.int32)
+    b, p = input_ids.shape
+    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {mask.shape}, expected {input_ids.shape}")
+    if (mask[:, -1] == 0).any():
+        raise ValueError("decoder-only generation needs left-padded prompts (the last column of attention_mask "
+                         "must be 1 in every row)")
+    spec = SearchSpec.build(config, p, max_positions)
+    bb = bucket(b)
+    prompt = _pad_rows(input_ids, bb, spec.pad_token_id)
+    prompt_mask = _pad_rows(mask, bb, 1)
+    program = _causal_program(module, spec, bb)
+    sequences, scores, lengths = program(params, prompt, prompt_mask, _rng(seed, rng))
+    return _finish(spec, sequences, scores, lengths, b, return_scores)
