@@ -525,12 +525,20 @@ class EncoderDecoderModel(PretrainedModel):
             print(report.summary())
         return model
 
-    def init_cache(self, batch_size: int, max_length: int, encoder_length: int) -> dict:
-        """An empty decoder cache for ``batch_size`` sequences of ``encoder_length`` source tokens."""
+    def init_cache(self, batch_size: int, max_length: int, encoder_length: int,
+                   encoder_batch_size: Optional[int] = None) -> dict:
+        """An empty decoder cache for ``batch_size`` sequences of ``encoder_length`` source tokens.
+
+        With ``encoder_batch_size`` (a divisor of ``batch_size``) the cross K/V hold one copy per source, shared
+        by the ``batch_size // encoder_batch_size`` adjacent rows (beams) that decode it.
+        """
         dec = self.config.decoder
         if max_length > dec.max_position_embeddings:
             raise ValueError(f"max_length {max_length} exceeds max_position_embeddings={dec.max_position_embeddings}")
-        enc = jnp.zeros((batch_size, encoder_length, self.config.encoder.hidden_size), self.dtype)
+        sources = batch_size if encoder_batch_size is None else encoder_batch_size
+        if batch_size % sources:
+            raise ValueError(f"encoder_batch_size {sources} does not divide batch_size {batch_size}")
+        enc = jnp.zeros((sources, encoder_length, self.config.encoder.hidden_size), self.dtype)
         shapes = jax.eval_shape(lambda: self.module.init(
             jax.random.PRNGKey(0), jnp.zeros((batch_size, max_length), jnp.int32), enc, decode=True,
             method=EncoderDecoderModule.decode)["cache"])
