@@ -97,8 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ConfigError, CheckpointError, convert_lib.ConversionError,
-            ValueError, KeyError) as e:
+    except (OSError, ConfigError, CheckpointError, convert_lib.ConversionError, ValueError, KeyError) as e:
         print(f"bertgen {args.command}: error: {e}", file=sys.stderr)
         return 2
 

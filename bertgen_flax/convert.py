@@ -301,48 +301,43 @@ def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expec
     """A PyTorch state dict -> a canonical (stacked) Flax param tree.
 
     ``expected`` is the tree of shapes the model's config implies (``jax.eval_shape`` of init). Keys the
-    checkpoint lacks are taken from ``init_params()`` (called at most once) when the table marks them initialisable (cross-attention,
-    LM head bias, projection); anything else missing, left over or of the wrong shape is an error naming the keys.
+    checkpoint lacks are taken from ``init_params()`` (called once, after every check passed) when the table
+    marks them initialisable (cross-attention, LM head bias, projection); anything else missing, left over or of
+    the wrong shape is an error naming the keys.
     """
     report = Report()
     state = adapt(state, kind, config, report, fold_token_type_embeddings)
-    entries = model_entries(kind, config)
     tied_head = _tied_head_keys(kind, config)
     params: dict = {}
     missing, bad_shape, used = [], [], set()
-    initial: list = []  # init_params() computed on first need
+    to_init: list[tuple[Entry, list[Optional[np.ndarray]]]] = []  # filled after every check passed
 
-    def initial_value(path: tuple[str, ...]) -> np.ndarray:
-        if not initial:
-            initial.append(init_params())
-        return np.asarray(_get(initial[0], path))
-
-    for e in entries:
-        want = _get(expected, e.flax_path).shape
-        if e.layered:
-            keys = [e.torch_key.replace(LAYER, str(i)) for i in range(_n_layers(config, kind, e))]
-        else:
-            keys = [e.torch_key]
-        absent = [k for k in keys if k not in state]
-        if absent:
-            if e.initialisable and init_params is not None:
-                _set(params, e.flax_path, initial_value(e.flax_path))
-                report.initialised += absent
+    for e in model_entries(kind, config):
+        want = tuple(_get(expected, e.flax_path).shape)
+        layer_shape = want[1:] if e.layered else want
+        keys = ([e.torch_key.replace(LAYER, str(i)) for i in range(_n_layers(config, kind, e))] if e.layered
+                else [e.torch_key])
+        arrays: list[Optional[np.ndarray]] = []
+        for key in keys:
+            if key not in state:
+                arrays.append(None)
+                if not (e.initialisable and init_params is not None):
+                    missing.append(key)
                 continue
-            missing += absent
-            continue
-        arrays = [state[k].T if e.transpose else state[k] for k in keys]
-        value = np.stack(arrays) if e.layered else arrays[0]
-        used.update(keys)
-        if value.shape != tuple(want):
-            bad_shape.append(f"{e.torch_key} -> {'/'.join(e.flax_path)}: checkpoint {value.shape}, "
-                             f"config expects {tuple(want)}")
-            continue
-        _set(params, e.flax_path, value)
-        report.mapped += keys
-    leftover = sorted(k for k in state if k not in used)
+            value = state[key].T if e.transpose else state[key]
+            used.add(key)
+            if value.shape != layer_shape:
+                bad_shape.append(f"{key} -> {'/'.join(e.flax_path)}: checkpoint {tuple(state[key].shape)}, config "
+                                 f"expects {layer_shape[::-1] if e.transpose else layer_shape}")
+            arrays.append(value)
+        if any(a is None for a in arrays):
+            to_init.append((e, arrays))
+            report.initialised += [k for k, a in zip(keys, arrays) if a is None]
+        elif not any(a.shape != layer_shape for a in arrays):
+            _set(params, e.flax_path, np.stack(arrays) if e.layered else arrays[0])
+        report.mapped += [k for k, a in zip(keys, arrays) if a is not None]
     unexpected = []
-    for k in leftover:
+    for k in sorted(k for k in state if k not in used):
         if k in tied_head:
             report.dropped.append((k, tied_head[k]))
         else:
@@ -356,6 +351,13 @@ def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expec
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
     if problems:
         raise ConversionError(f"checkpoint does not fit the {kind} config: " + " | ".join(problems))
+    if to_init:  # fresh values for what a warm start legitimately lacks (one init for all of them)
+        initial = init_params()
+        for e, arrays in to_init:
+            fresh = np.asarray(_get(initial, e.flax_path))
+            if e.layered:
+                fresh = np.stack([fresh[i] if a is None else a for i, a in enumerate(arrays)])
+            _set(params, e.flax_path, fresh)
     return params, report
 
 

@@ -102,7 +102,9 @@ def _dense(features: int, config: BertGenerationConfig, dtype: Dtype, param_dtyp
 
 
 def _layer_norm(config: BertGenerationConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    # two-pass variance, as torch computes it (flax's fast E[x^2] - E[x]^2 loses digits on large activations)
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                        use_fast_variance=False)
 
 
 class Embeddings(nn.Module):

@@ -74,6 +74,21 @@ def _mask(x: Any, name: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
     return arr
 
 
+def _labels(x: Any, vocab_size: int, shape: Optional[tuple[int, ...]]) -> Optional[np.ndarray]:
+    """Checks labels: 2-D integers, ids in the vocabulary or -100 (ignored), the inputs' shape when given."""
+    if x is None:
+        return None
+    arr = np.asarray(x)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be 2-D integer ids [batch, length], got shape {arr.shape} dtype {arr.dtype}")
+    if shape is not None and arr.shape != tuple(shape):
+        raise ValueError(f"labels have shape {arr.shape}, expected the inputs' shape {tuple(shape)}")
+    bad = arr[(arr != -100) & ((arr < 0) | (arr >= vocab_size))]
+    if bad.size:
+        raise ValueError(f"labels hold id {int(bad[0])}, outside the vocabulary [0, {vocab_size}) and not -100")
+    return arr.astype(np.int32)
+
+
 def _write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
     """Runs ``write(tmp)`` into a fresh sibling directory, then moves its files into ``out_dir``.
 
@@ -431,7 +446,7 @@ class BertGenerationDecoder(PretrainedModel):
         if encoder_hidden_states is not None:
             encoder_attention_mask = _mask(encoder_attention_mask, "encoder_attention_mask",
                                            np.shape(encoder_hidden_states)[:2])
-        labels = None if labels is None else np.asarray(labels)
+        labels = _labels(labels, cfg.vocab_size, shape)
         result = self._apply(
             "__call__", (ids, mask, position_ids, head_mask, inputs_embeds, encoder_hidden_states,
                          encoder_attention_mask, labels), {},
@@ -465,6 +480,31 @@ def _cache_length(cache: Mapping) -> int:
     raise ValueError("past_key_values is not a bertgen cache (no cached_key entries)")
 
 
+def _vocab_ids(directory: str, tokens: tuple[str, ...]) -> dict[str, int]:
+    """Ids of ``tokens`` in a ``vocab.txt`` or ``tokenizer.json`` beside a checkpoint (empty when absent)."""
+    vocab: dict[str, int] = {}
+    txt, tok = os.path.join(directory, "vocab.txt"), os.path.join(directory, "tokenizer.json")
+    if os.path.isfile(txt):
+        with open(txt, encoding="utf-8") as f:
+            vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    elif os.path.isfile(tok):
+        model = read_json(tok, "tokenizer").get("model", {})
+        vocab = model.get("vocab", {}) if isinstance(model.get("vocab"), dict) else {}
+    return {t: vocab[t] for t in tokens if t in vocab}
+
+
+def _warm_start_ids(path: str, config: BertGenerationConfig) -> dict[str, Any]:
+    """Decoder start / pad / eos / bos ids for a bert2bert warm-started from ``path``."""
+    if config.extra.get("_source_model_type") == "bert":
+        # BERT configs carry no usable bos/eos ids (our defaults 2/1 would be [unused1]/[unused0]).
+        found = _vocab_ids(path, ("[CLS]", "[SEP]", "[PAD]"))
+        start, eos = found.get("[CLS]"), found.get("[SEP]")
+        pad = found.get("[PAD]", config.pad_token_id)
+        return dict(decoder_start_token_id=start, bos_token_id=start, eos_token_id=eos, pad_token_id=pad)
+    return dict(decoder_start_token_id=config.bos_token_id, bos_token_id=config.bos_token_id,
+                eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+
+
 class EncoderDecoderModel(PretrainedModel):
     """transformers' ``EncoderDecoderModel`` with BertGeneration encoder and decoder (bert2bert, BERTShare)."""
 
@@ -488,8 +528,10 @@ class EncoderDecoderModel(PretrainedModel):
         """Warm-starts a bert2bert (or BERTShare with ``tie_encoder_decoder``) from two checkpoints.
 
         The decoder gets causal self-attention and freshly initialised cross-attention, as in transformers.
-        ``decoder_start_token_id``, ``pad_token_id`` and ``eos_token_id`` default to the decoder config's
-        ``bos``/``pad``/``eos`` ids (transformers leaves them unset, which breaks training: see the README).
+        ``decoder_start_token_id``, ``pad_token_id`` and ``eos_token_id`` default to the checkpoint's own ids:
+        ``[CLS]``/``[PAD]``/``[SEP]`` from the vocabulary for BERT (whose configs carry no bos/eos ids), the
+        config's ``bos``/``pad``/``eos`` otherwise (transformers leaves them unset, which breaks training: see the
+        README). Pass them to override; a checkpoint where they cannot be found is an error.
         """
         enc = None  # a tied encoder runs the decoder's weights: only its config is read
         if not tie_encoder_decoder:
@@ -499,11 +541,17 @@ class EncoderDecoderModel(PretrainedModel):
         dec = BertGenerationDecoder.from_pretrained(decoder_path, dtype, param_dtype=param_dtype,
                                                     fold_token_type_embeddings=fold_token_type_embeddings,
                                                     add_cross_attention=True)
-        d = dec.config
-        defaults = dict(decoder_start_token_id=d.bos_token_id, pad_token_id=d.pad_token_id,
-                        eos_token_id=d.eos_token_id, bos_token_id=d.bos_token_id)
+        ids = {**_warm_start_ids(decoder_path, dec.config), **config_kwargs}
+        if ids.get("decoder_start_token_id") is None or ids.get("pad_token_id") is None:
+            raise ConfigError(
+                f"cannot tell the decoder start and pad ids of {decoder_path} (no bos/pad ids in its config and no "
+                "[CLS]/[PAD] in a vocab.txt or tokenizer.json beside it): pass decoder_start_token_id=..., "
+                "pad_token_id=... and eos_token_id=...")
+        token_ids = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if ids.get(k) is not None}
+        d = dec.config.replace(**token_ids)
+        enc_config = enc_config.replace(**token_ids)
         config = EncoderDecoderConfig.from_encoder_decoder_configs(
-            enc_config, d, tie_encoder_decoder=tie_encoder_decoder, **{**defaults, **config_kwargs})
+            enc_config, d, tie_encoder_decoder=tie_encoder_decoder, **ids)
         model = cls(config, params={}, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
         tree = {"decoder": dec.canonical_params()}
         dr = dec.load_report
@@ -555,11 +603,8 @@ class EncoderDecoderModel(PretrainedModel):
         ids = _ids(input_ids, "input_ids", enc_cfg.vocab_size, enc_cfg.max_position_embeddings)
         dec_ids = _ids(decoder_input_ids, "decoder_input_ids", dec_cfg.vocab_size, dec_cfg.max_position_embeddings)
         if labels is not None:
-            labels = np.asarray(labels)
-            bad = labels[(labels != -100) & ((labels < 0) | (labels >= dec_cfg.vocab_size))]
-            if bad.size:
-                raise ValueError(f"labels hold id {int(bad[0])}, outside the vocabulary [0, {dec_cfg.vocab_size}) "
-                                 "and not -100")
+            want = dec_ids.shape if dec_ids is not None else None
+            labels = _labels(labels, dec_cfg.vocab_size, want)
             if labels.shape[1] > dec_cfg.max_position_embeddings:
                 raise ValueError(f"labels have length {labels.shape[1]}, longer than max_position_embeddings="
                                  f"{dec_cfg.max_position_embeddings}")
