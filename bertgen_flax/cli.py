@@ -69,6 +69,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .pipeline import InputTooLongError, Text2TextGenerator, read_lines, stderr_progress
+    if args.input is not None and args.texts:
+        raise ValueError("give texts as arguments or with --input, not both")
+    if args.texts:
+        texts, from_file = list(args.texts), False
+    elif args.input is None or args.input == "-":
+        if args.input is None and sys.stdin.isatty():
+            raise ValueError("no input: give texts as arguments, --input FILE, or pipe lines on stdin")
+        texts, from_file = read_lines(sys.stdin.buffer, "stdin"), True
+    else:
+        if not os.path.isfile(args.input):
+            raise FileNotFoundError(f"input file not found: {args.input}")
+        with open(args.input, "rb") as f:
+            texts, from_file = read_lines(f, args.input), True
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"model directory not found: {args.model}")
+    knobs = {k: v for k, v in dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                                   do_sample=args.do_sample or None, top_k=args.top_k, top_p=args.top_p,
+                                   temperature=args.temperature, seed=args.seed,
+                                   num_return_sequences=args.num_return_sequences).items() if v is not None}
+    generator = Text2TextGenerator.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size)
+    progress = stderr_progress() if from_file and not args.quiet else None
+    try:
+        outputs = generator(texts, truncate=not args.no_truncate, progress=progress, **knobs)
+    except InputTooLongError as e:
+        raise ValueError(f"{e} (drop --no-truncate to truncate it with a warning)") from None
+    lines = ["\t".join(o) if isinstance(o, list) else o for o in outputs]
+    text = "".join(line.replace("\n", " ") + "\n" for line in lines)
+    if args.output:
+        tmp = f"{args.output}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, args.output)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bertgen", description="BertGeneration models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "no for BERT, as transformers; yes for RoBERTa)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty destination")
     p.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="generate text for each input line with an encoder-decoder checkpoint",
+                       description="One output line per input line, in order; an empty input line gives an empty "
+                                   "output line. Texts come from arguments, --input FILE, or stdin.")
+    g.add_argument("texts", nargs="*", help="input texts (else --input or stdin)")
+    g.add_argument("--model", required=True, help="checkpoint directory with tokenizer files")
+    g.add_argument("--input", help="input file, one text per line ('-' for stdin)")
+    g.add_argument("--output", help="output file (default stdout)")
+    g.add_argument("--num-beams", type=int)
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--num-return-sequences", type=int, help="several outputs per input, tab-separated")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--no-truncate", action="store_true", help="reject over-long inputs instead of truncating")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -110,6 +110,45 @@ def _causal_program(module: Any, spec: SearchSpec, batch: int) -> Callable:
     return jax.jit(program)
 
 
+# ---- sharding over a device mesh ------------------------------------------------------------------------------
+DATA_AXIS, MODEL_AXIS = "data", "model"
+
+
+def shard_params(params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Places parameters on ``mesh``: matrices split along their last axis over ``model`` when it divides them,
+    everything else replicated (the JAX counterpart of ``device_map="auto"`` for inference)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    model = mesh.shape.get(MODEL_AXIS, 1)
+
+    def place(x):
+        spec = P()
+        if model > 1 and x.ndim >= 2 and x.shape[-1] % model == 0:
+            spec = P(*([None] * (x.ndim - 1)), MODEL_AXIS)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+    return jax.tree_util.tree_map(place, params)
+
+
+def _shard_batch(mesh: Optional[jax.sharding.Mesh], *arrays: np.ndarray) -> tuple:
+    if mesh is None:
+        return arrays
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    return tuple(jax.device_put(a, NamedSharding(mesh, P(DATA_AXIS))) for a in arrays)
+
+
+def _batch_bucket(b: int, mesh: Optional[jax.sharding.Mesh]) -> int:
+    bb = bucket(b)
+    if mesh is not None:
+        data = mesh.shape.get(DATA_AXIS, 1)
+        bb = -(-max(bb, data) // data) * data
+    return bb
+
+
+def _check_mesh(mesh: Optional[jax.sharding.Mesh]) -> None:
+    if mesh is not None and DATA_AXIS not in mesh.axis_names:
+        raise ValueError(f"the generation mesh needs a '{DATA_AXIS}' axis (and optionally '{MODEL_AXIS}'), got "
+                         f"axes {mesh.axis_names}")
+
+
 def _pad_rows(x: np.ndarray, rows: int, value: int) -> np.ndarray:
     if x.shape[0] == rows:
         return x
@@ -152,8 +191,14 @@ def _greedy_lengths(spec: SearchSpec, sequences: np.ndarray) -> np.ndarray:
 def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_mask: Optional[np.ndarray],
                      config: GenerationConfig, *, decoder_input_ids: Optional[np.ndarray] = None,
                      rng: Optional[jax.Array] = None, seed: Optional[int] = None, return_scores: bool = False,
-                     max_positions: Optional[int] = None, source_limit: Optional[int] = None):
-    """The pure functional entry point: (module, params, inputs, config) -> sequences [B * R, length]."""
+                     max_positions: Optional[int] = None, source_limit: Optional[int] = None,
+                     mesh: Optional[jax.sharding.Mesh] = None):
+    """The pure functional entry point: (module, params, inputs, config) -> sequences [B * R, length].
+
+    With ``mesh`` (axes ``data`` and optionally ``model``) the batch is split over ``data`` and ``params`` should
+    come from ``shard_params``; outputs equal the single-device ones.
+    """
+    _check_mesh(mesh)
     input_ids = np.asarray(input_ids, np.int32)
     b, s = input_ids.shape
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
@@ -165,20 +210,23 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
         decoder_input_ids = np.full((b, 1), start, np.int32)
     prompt = np.asarray(decoder_input_ids, np.int32)
     spec = SearchSpec.build(config, prompt.shape[1], max_positions)
-    bb, sb = bucket(b), bucket(s, source_limit, minimum=8)
+    bb, sb = _batch_bucket(b, mesh), bucket(s, source_limit, minimum=8)
     pad = spec.pad_token_id
     src = _pad_cols(_pad_rows(input_ids, bb, pad), sb, pad)
     src_mask = _pad_cols(_pad_rows(mask, bb, 1), sb, 0)
     prompt = _pad_rows(prompt, bb, prompt[0, 0] if prompt.size else 0)
     program = _seq2seq_program(module, spec, bb, sb)
+    src, src_mask, prompt = _shard_batch(mesh, src, src_mask, prompt)
     sequences, scores, lengths = program(params, src, src_mask, prompt, _rng(seed, rng))
     return _finish(spec, sequences, scores, lengths, b, return_scores)
 
 
 def causal_generate(module: Any, params: Any, input_ids: np.ndarray, attention_mask: Optional[np.ndarray],
                     config: GenerationConfig, *, rng: Optional[jax.Array] = None, seed: Optional[int] = None,
-                    return_scores: bool = False, max_positions: Optional[int] = None):
+                    return_scores: bool = False, max_positions: Optional[int] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None):
     """Decoder-only generation continuing left-padded prompts (prefilled in one pass)."""
+    _check_mesh(mesh)
     input_ids = np.asarray(input_ids, np.int32)
     b, p = input_ids.shape
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
@@ -188,9 +236,10 @@ def causal_generate(module: Any, params: Any, input_ids: np.ndarray, attention_m
         raise ValueError("decoder-only generation needs left-padded prompts (the last column of attention_mask "
                          "must be 1 in every row)")
     spec = SearchSpec.build(config, p, max_positions)
-    bb = bucket(b)
+    bb = _batch_bucket(b, mesh)
     prompt = _pad_rows(input_ids, bb, spec.pad_token_id)
     prompt_mask = _pad_rows(mask, bb, 1)
     program = _causal_program(module, spec, bb)
+    prompt, prompt_mask = _shard_batch(mesh, prompt, prompt_mask)
     sequences, scores, lengths = program(params, prompt, prompt_mask, _rng(seed, rng))
     return _finish(spec, sequences, scores, lengths, b, return_scores)

@@ -281,6 +281,16 @@ class PretrainedModel:
         legacy = {k: v for k, v in getattr(cfg, "extra", {}).items()}
         return GenerationConfig.from_dict({**legacy, **ids, **self.generation_config})
 
+    def _params_for(self, mesh: Optional[jax.sharding.Mesh]) -> Any:
+        """The params, placed on ``mesh`` once per mesh (cached) when one is given."""
+        if mesh is None:
+            return self.params
+        cached = getattr(self, "_sharded", None)
+        if cached is None or cached[0] is not mesh or cached[1] is not self.params:
+            from .generation import shard_params
+            self._sharded = (mesh, self.params, shard_params(self.params, mesh))
+        return self._sharded[2]
+
     # ---- calling ------------------------------------------------------------------------------------------
     def _apply(self, method: str, args: tuple, kwargs: Mapping[str, Any], static: Mapping[str, Any],
                train: bool, dropout_rng: Optional[jax.Array], cache: Optional[Mapping] = None):
@@ -459,7 +469,8 @@ class BertGenerationDecoder(PretrainedModel):
 
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, seed: Optional[int] = None,
-                 rng: Optional[jax.Array] = None, return_scores: bool = False, **knobs: Any):
+                 rng: Optional[jax.Array] = None, return_scores: bool = False,
+                 mesh: Optional[jax.sharding.Mesh] = None, **knobs: Any):
         """Continues left-padded prompts as a causal LM (``transformers`` ``generate`` semantics).
 
         Returns sequences [batch * num_return_sequences, length], prompt included, and the sequence scores
@@ -469,8 +480,8 @@ class BertGenerationDecoder(PretrainedModel):
         cfg = self.config
         ids = _ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
         gen = self.generation_defaults().merged(**knobs)
-        return causal_generate(self.module, self.params, ids, attention_mask, gen, rng=rng, seed=seed,
-                               return_scores=return_scores, max_positions=cfg.max_position_embeddings)
+        return causal_generate(self.module, self._params_for(mesh), ids, attention_mask, gen, rng=rng, seed=seed,
+                               return_scores=return_scores, max_positions=cfg.max_position_embeddings, mesh=mesh)
 
 
 def _cache_length(cache: Mapping) -> int:
@@ -624,12 +635,13 @@ class EncoderDecoderModel(PretrainedModel):
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, decoder_input_ids: Any = None,
                  seed: Optional[int] = None, rng: Optional[jax.Array] = None, return_scores: bool = False,
-                 **knobs: Any):
+                 mesh: Optional[jax.sharding.Mesh] = None, **knobs: Any):
         """Batch generation in one compiled program (``transformers`` ``generate`` semantics).
 
         Returns sequences [batch * num_return_sequences, length] starting with the decoder start token, padded
         after EOS, and the sequence scores with ``return_scores=True``. Knobs are ``GenerationConfig`` fields
-        (``max_new_tokens``, ``num_beams``, ``do_sample``, ...); defaults come from the checkpoint.
+        (``max_new_tokens``, ``num_beams``, ``do_sample``, ...); defaults come from the checkpoint. With ``mesh``
+        (axes ``data`` and optionally ``model``) the batch and parameters are sharded over its devices.
         """
         from .generation import seq2seq_generate
         enc, dec = self.config.encoder, self.config.decoder
@@ -638,10 +650,10 @@ class EncoderDecoderModel(PretrainedModel):
             _mask(attention_mask, "attention_mask", ids.shape)
         prompt = _ids(decoder_input_ids, "decoder_input_ids", dec.vocab_size, dec.max_position_embeddings)
         gen = self.generation_defaults().merged(**knobs)
-        return seq2seq_generate(self.module, self.params, ids, attention_mask, gen, decoder_input_ids=prompt,
-                                rng=rng, seed=seed, return_scores=return_scores,
+        return seq2seq_generate(self.module, self._params_for(mesh), ids, attention_mask, gen,
+                                decoder_input_ids=prompt, rng=rng, seed=seed, return_scores=return_scores,
                                 max_positions=dec.max_position_embeddings,
-                                source_limit=enc.max_position_embeddings)
+                                source_limit=enc.max_position_embeddings, mesh=mesh)
 
     def encode(self, input_ids: Any, attention_mask: Any = None) -> StackOutput:
         cfg = self.config.encoder

@@ -216,3 +216,90 @@ def test_cross_attention_with_shared_kv_equals_per_beam_copies(seq2seq):
                                                          "cross_key")]
     assert cross.shape[1] == 4  # one copy of the cross K/V per source, not per beam
     assert np.abs(np.asarray(shared.logits) - np.asarray(copied.logits)).max() <= 1e-5
+
+
+MESH_SCRIPT = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import numpy as np, jax
+import bertgen_flax as bg
+from jax.sharding import Mesh
+model = bg.EncoderDecoderModel.from_pretrained(sys.argv[1])
+rng = np.random.default_rng(0)
+ids = rng.integers(3, 99, (5, 9)); mask = np.ones_like(ids); mask[2, 4:] = 0
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+assert len(jax.devices()) == 8
+for kw in (dict(max_new_tokens=10), dict(max_new_tokens=10, num_beams=3, num_return_sequences=2)):
+    one = np.asarray(model.generate(ids, mask, **kw))
+    many = np.asarray(model.generate(ids, mask, mesh=mesh, **kw))
+    assert one.shape == many.shape and (one == many).all(), (kw, one, many)
+sharded = [x.sharding.spec for x in jax.tree_util.tree_leaves(model._sharded[2])]
+assert any("model" in tuple(s) for s in sharded), sharded
+print("OK")
+"""
+
+
+def test_generation_sharded_over_a_device_mesh_equals_one_device(seq2seq, tmp_path):
+    import subprocess
+    import sys
+    _, ours = seq2seq
+    ours.save_pretrained(str(tmp_path / "m"))
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "m")], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_generation_defaults_come_from_generation_config_json(seq2seq, tmp_path):
+    import json
+    ref, _ = seq2seq
+    path = tmp_path / "with_defaults"
+    ref.save_pretrained(path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update(num_beams=3, max_new_tokens=9, length_penalty=0.7, decoder_start_token_id=2)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    ids, mask = _source()
+    want = transformers.EncoderDecoderModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        want = want.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).numpy()
+    ours = bg.EncoderDecoderModel.from_pretrained(str(path))
+    assert ours.generation_defaults().num_beams == 3
+    _assert_same(want, ours.generate(ids, mask))
+    assert np.asarray(ours.generate(ids, mask, num_beams=1)).shape[1] == 10  # overridable per call
+
+
+def test_functional_entry_point_equals_the_method(seq2seq):
+    _, ours = seq2seq
+    ids, mask = _source()
+    config = ours.generation_defaults().merged(num_beams=2, max_new_tokens=6)
+    functional = generation.seq2seq_generate(ours.module, ours.params, ids, mask, config)
+    assert (np.asarray(functional) == np.asarray(ours.generate(ids, mask, num_beams=2, max_new_tokens=6))).all()
+
+
+@pytest.mark.parametrize("knobs, message", [
+    (dict(num_beams=0), "num_beams"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(num_return_sequences=2), "greedy"),
+    (dict(early_stopping="sometimes", num_beams=2), "early_stopping"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(top_p=1.5, do_sample=True), "top_p"),
+    (dict(max_new_tokens=100), "max_position_embeddings"),
+    (dict(bad_words_ids=[[]]), "bad_words_ids"),
+    (dict(beams=3), "unknown generation options"),
+])
+def test_bad_generation_options_raise_clear_errors(seq2seq, knobs, message):
+    _, ours = seq2seq
+    ids, mask = _source()
+    with pytest.raises((ValueError, TypeError), match=message):
+        ours.generate(ids, mask, **knobs)
+
+
+def test_generation_rejects_ids_outside_the_vocabulary(seq2seq):
+    _, ours = seq2seq
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ours.generate(np.array([[5, 500]]))
+
+
+def test_decoder_only_generation_rejects_right_padded_prompts(decoder):
+    _, ours = decoder
+    with pytest.raises(ValueError, match="left-padded"):
+        ours.generate(np.array([[5, 6, 0]]), np.array([[1, 1, 0]]))
