@@ -50,8 +50,28 @@ def read_json(path: str, what: str = "config") -> dict:
     return data
 
 
+class _ConfigFile:
+    """config.json reading and writing shared by both config classes (they supply from_dict/to_dict)."""
+
+    @classmethod
+    def from_json_file(cls, path: str):
+        try:
+            return cls.from_dict(read_json(path))
+        except TypeError as e:  # a field of the wrong kind
+            raise ConfigError(f"invalid config in {path}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str):
+        """Reads ``config.json`` from a directory (or the file itself)."""
+        return cls.from_json_file(os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path)
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        _write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict())
+
+
 @dataclass(frozen=True)
-class BertGenerationConfig:
+class BertGenerationConfig(_ConfigFile):
     """Hyper-parameters of one BertGeneration stack (encoder, or decoder with ``is_decoder=True``)."""
 
     vocab_size: int = 50358
@@ -152,24 +172,10 @@ class BertGenerationConfig:
         out["model_type"] = self.model_type
         return out
 
-    @classmethod
-    def from_json_file(cls, path: str) -> "BertGenerationConfig":
-        try:
-            return cls.from_dict(read_json(path))
-        except TypeError as e:  # a field of the wrong kind
-            raise ConfigError(f"invalid config in {path}: {e}") from None
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> "BertGenerationConfig":
-        return cls.from_json_file(os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path)
-
-    def save_pretrained(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        _write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict())
 
 
 @dataclass(frozen=True)
-class EncoderDecoderConfig:
+class EncoderDecoderConfig(_ConfigFile):
     """An encoder and a decoder config, plus the ids generation and the loss need (HF ``encoder-decoder``)."""
 
     encoder: BertGenerationConfig
@@ -241,20 +247,6 @@ class EncoderDecoderConfig:
         out["is_encoder_decoder"] = True
         return out
 
-    @classmethod
-    def from_json_file(cls, path: str) -> "EncoderDecoderConfig":
-        try:
-            return cls.from_dict(read_json(path))
-        except TypeError as e:
-            raise ConfigError(f"invalid config in {path}: {e}") from None
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> "EncoderDecoderConfig":
-        return cls.from_json_file(os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path)
-
-    def save_pretrained(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        _write_json_atomic(os.path.join(directory, CONFIG_NAME), self.to_dict())
 
 
 def load_config(path: str) -> BertGenerationConfig | EncoderDecoderConfig:

@@ -7,14 +7,13 @@ key names the table expects, and record everything they drop.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from .config import BertGenerationConfig, EncoderDecoderConfig
+from .config import BertGenerationConfig
 
 LINEAR, NORM, EMBED = "linear", "norm", "embed"
 # PyTorch parameter name -> (Flax leaf name, transpose?) for each module type.

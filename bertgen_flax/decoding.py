@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +53,6 @@ class GenerationConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Union[int, tuple]] = None
     pad_token_id: Optional[int] = None
-
-    _FIELDS = ()  # filled below
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GenerationConfig":

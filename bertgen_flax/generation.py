@@ -7,7 +7,7 @@ query axis), the self-attention cache is preallocated, and the whole search runs
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoints, convert
-from .config import (CONFIG_NAME, GENERATION_CONFIG_NAME, BertGenerationConfig, ConfigError, EncoderDecoderConfig,
+from .config import (GENERATION_CONFIG_NAME, BertGenerationConfig, ConfigError, EncoderDecoderConfig,
                      load_config, read_json)
 from .modeling import (BertGenerationDecoderModule, BertGenerationModule, EncoderDecoderModule, LMOutput,
                        Seq2SeqOutput, StackOutput)

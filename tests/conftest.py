@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +55,20 @@ def run_tf457(script: str, *args: str) -> str:
 @pytest.fixture(scope="session")
 def tiny():
     return dict(TINY)
+
+
+def seq2seq_checkpoint(path, seed: int = 0, scale: float = 0.1, enc: dict | None = None, dec: dict | None = None):
+    """A perturbed random transformers bert2bert (start id 2, pad 0) saved at ``path``; returns it in eval mode."""
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    encoder = transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**{**TINY, **(enc or {})}))
+    decoder = transformers.BertGenerationDecoder(transformers.BertGenerationConfig(
+        **{**TINY, **(dec or {})}, is_decoder=True, add_cross_attention=True))
+    model = transformers.EncoderDecoderModel(encoder=encoder, decoder=decoder)
+    model.config.decoder_start_token_id, model.config.pad_token_id = 2, 0
+    perturb_(model, seed, scale)
+    model.eval()
+    if path is not None:
+        model.save_pretrained(path)
+    return model

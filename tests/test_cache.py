@@ -6,7 +6,7 @@ import transformers
 
 import bertgen_flax as bg
 
-from conftest import TINY, perturb_
+from conftest import TINY, perturb_, seq2seq_checkpoint
 
 B, S, T = 2, 7, 6
 TOL_CACHE = 1e-5
@@ -14,15 +14,8 @@ TOL_CACHE = 1e-5
 
 @pytest.fixture(scope="module")
 def seq2seq(tmp_path_factory):
-    torch.manual_seed(0)
-    enc = transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**TINY))
-    dec = transformers.BertGenerationDecoder(transformers.BertGenerationConfig(
-        **TINY, is_decoder=True, add_cross_attention=True))
-    model = transformers.EncoderDecoderModel(encoder=enc, decoder=dec)
-    model.config.decoder_start_token_id, model.config.pad_token_id = 2, 0
-    perturb_(model, 0)
     path = tmp_path_factory.mktemp("ed") / "ed"
-    model.save_pretrained(path)
+    seq2seq_checkpoint(path)
     return bg.EncoderDecoderModel.from_pretrained(str(path))
 
 

@@ -12,20 +12,11 @@ import transformers
 import bertgen_flax as bg
 from bertgen_flax import checkpoints
 
-from conftest import TINY, perturb_
+from conftest import TINY, perturb_, seq2seq_checkpoint
 
 
 def _seq2seq(path, untied=False, seed=0):
-    torch.manual_seed(seed)
-    enc = transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**TINY))
-    dec = transformers.BertGenerationDecoder(transformers.BertGenerationConfig(
-        **TINY, is_decoder=True, add_cross_attention=True, tie_word_embeddings=not untied))
-    model = transformers.EncoderDecoderModel(encoder=enc, decoder=dec)
-    model.config.decoder_start_token_id, model.config.pad_token_id = 2, 0
-    perturb_(model, seed)
-    model.eval()
-    model.save_pretrained(path)
-    return model
+    return seq2seq_checkpoint(path, seed, dec=dict(tie_word_embeddings=not untied))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import transformers
 import bertgen_flax as bg
 from bertgen_flax import checkpoints, cli
 
-from conftest import REPO, TINY, perturb_
+from conftest import REPO, TINY, perturb_, seq2seq_checkpoint
 
 
 def _convert(*args):
@@ -24,15 +24,8 @@ def _convert(*args):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    enc = transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**TINY))
-    dec = transformers.BertGenerationDecoder(transformers.BertGenerationConfig(
-        **TINY, is_decoder=True, add_cross_attention=True))
-    model = transformers.EncoderDecoderModel(encoder=enc, decoder=dec)
-    model.config.decoder_start_token_id, model.config.pad_token_id = 2, 0
-    perturb_(model, 0)
     path = tmp_path_factory.mktemp("cli") / "hf"
-    model.save_pretrained(path)
+    seq2seq_checkpoint(path)
     return path
 
 

@@ -7,7 +7,7 @@ import transformers
 import bertgen_flax as bg
 from bertgen_flax import generation
 
-from conftest import TINY, perturb_
+from conftest import TINY, perturb_, seq2seq_checkpoint
 
 EOS = 1
 
@@ -36,14 +36,7 @@ def _source():
 
 @pytest.fixture(scope="module")
 def seq2seq(tmp_path_factory):
-    torch.manual_seed(0)
-    enc = transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**TINY))
-    dec = transformers.BertGenerationDecoder(transformers.BertGenerationConfig(
-        **TINY, is_decoder=True, add_cross_attention=True, tie_word_embeddings=False))
-    ref = transformers.EncoderDecoderModel(encoder=enc, decoder=dec)
-    ref.config.decoder_start_token_id, ref.config.pad_token_id = 2, 0
-    perturb_(ref, 0, scale=0.3)
-    ref.eval()
+    ref = seq2seq_checkpoint(None, 0, scale=0.3, dec=dict(tie_word_embeddings=False))
     ids, mask = _source()
     _eos_biased(ref, ref.decoder.lm_head.decoder, ids, mask)
     path = tmp_path_factory.mktemp("gen") / "ed"

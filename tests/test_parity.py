@@ -7,7 +7,7 @@ import transformers
 import bertgen_flax as bg
 from bertgen_flax.config import SUPPORTED_ACTIVATIONS
 
-from conftest import TINY, TOL, max_diff, perturb_
+from conftest import TINY, TOL, max_diff, perturb_, seq2seq_checkpoint
 
 B, S, T = 3, 9, 6
 
@@ -33,14 +33,7 @@ def _save(model, path):
 
 
 def _encoder_decoder(tmp, name, enc_kwargs=None, dec_kwargs=None, seed=0):
-    torch.manual_seed(seed)
-    enc = transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**{**TINY, **(enc_kwargs or {})}))
-    dec = transformers.BertGenerationDecoder(transformers.BertGenerationConfig(
-        **{**TINY, **(dec_kwargs or {})}, is_decoder=True, add_cross_attention=True))
-    model = transformers.EncoderDecoderModel(encoder=enc, decoder=dec)
-    model.config.decoder_start_token_id, model.config.pad_token_id = 2, 0
-    perturb_(model, seed)
-    return model, _save(model, tmp / name)
+    return seq2seq_checkpoint(tmp / name, seed, enc=enc_kwargs, dec=dec_kwargs), str(tmp / name)
 
 
 @pytest.fixture(scope="module")
