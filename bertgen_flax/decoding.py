@@ -355,6 +355,8 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
         gen_len=jnp.zeros((b, k), jnp.int32), running_gen_len=jnp.zeros((b, k), jnp.int32),
         logits=logits.astype(jnp.float32), cache=cache, rng=jax.random.PRNGKey(0) if rng is None else rng)
     rows = jnp.arange(b)[:, None]
+    # length ** length_penalty as transformers computes it: a Python float, then used as a float32 scalar
+    penalty = jnp.asarray(np.array([max(n, 1) ** spec.length_penalty for n in range(length + 1)], np.float32))
 
     def body(s):
         cur_len = s["cur_len"]
@@ -385,7 +387,7 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
         beam_parent = jnp.take_along_axis(parent, nxt, axis=1)                  # [B, K]
         # finished hypotheses: only an EOS among the top K candidates may enter
         just_finished = hits & top_k_mask[None, :]
-        fin_lp = top_lp / ((cur_len + 1 - p).astype(jnp.float32) ** spec.length_penalty)
+        fin_lp = top_lp / penalty[cur_len + 1 - p]
         full = jnp.all(s["finished"], axis=-1, keepdims=True) & (spec.early_stopping is True)
         fin_lp = fin_lp + full.astype(jnp.float32) * BEAM_NEG
         fin_lp = fin_lp + (~s["improvable"]).astype(jnp.float32) * BEAM_NEG
@@ -405,7 +407,7 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
             best_len = length - p
         else:
             best_len = cur_len - p
-        best_running = running_scores[:, :1] / (jnp.asarray(best_len, jnp.float32) ** spec.length_penalty)
+        best_running = running_scores[:, :1] / penalty[best_len]
         worst_finished = jnp.where(finished, jnp.min(beam_scores, axis=1, keepdims=True), BEAM_NEG)
         improvable = s["improvable"] & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
         open_beam = ~(jnp.all(finished) & (spec.early_stopping is True))
