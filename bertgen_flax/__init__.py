@@ -3,9 +3,12 @@ from .config import BertGenerationConfig, ConfigError, EncoderDecoderConfig, loa
 from .checkpoints import CheckpointError
 from .convert import ConversionError, Report
 from .models import BertGenerationDecoder, BertGenerationEncoder, EncoderDecoderModel
+from .tokenization import (AutoTokenizer, BertGenerationTokenizer, BertTokenizer, RobertaTokenizer,
+                           TokenizerError)
 
 __all__ = [
     "BertGenerationConfig", "EncoderDecoderConfig", "load_config", "ConfigError", "CheckpointError",
     "ConversionError", "Report", "BertGenerationEncoder", "BertGenerationDecoder", "EncoderDecoderModel",
+    "AutoTokenizer", "BertGenerationTokenizer", "BertTokenizer", "RobertaTokenizer", "TokenizerError",
 ]
 __version__ = "0.1.0"

@@ -121,6 +121,8 @@ def _id_list(ids: Ids, what: str = "ids") -> list[int]:
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
         return [int(ids)]
     arr = np.asarray(ids)
+    if arr.ndim == 0 and np.issubdtype(arr.dtype, np.integer):  # a 0-d array holding one id
+        return [int(arr)]
     if arr.ndim != 1:
         raise ValueError(f"{what} must be one sequence of token ids (1-D), got shape {arr.shape}; "
                          "use batch_decode for a batch")
@@ -283,11 +285,11 @@ class PreTrainedTokenizer:
         masks = [[1] * len(r) for r in rows]
         if pad_mode is not None and rows:
             width = max(len(r) for r in rows) if pad_mode == "longest" else int(max_length)
+            pad_id, left = self.pad_token_id, self.padding_side == "left"
             for k, row in enumerate(rows):
                 gap = width - len(row)
                 if gap > 0:
-                    left = self.padding_side == "left"
-                    rows[k] = [self.pad_token_id] * gap + row if left else row + [self.pad_token_id] * gap
+                    rows[k] = [pad_id] * gap + row if left else row + [pad_id] * gap
                     masks[k] = [0] * gap + masks[k] if left else masks[k] + [0] * gap
         if return_tensors == "np":
             if len({len(r) for r in rows}) > 1:
@@ -346,7 +348,6 @@ class PreTrainedTokenizer:
         def write(tmp: str) -> None:
             names.extend(self._write_files(tmp))
             config = {attr: token for attr, token in self._special.items() if token is not None}
-            config.update(self._config())
             config.update({
                 "tokenizer_class": self.tokenizer_class,
                 "model_max_length": self.model_max_length,
@@ -354,6 +355,7 @@ class PreTrainedTokenizer:
                 "padding_side": self.padding_side,
                 "truncation_side": self.truncation_side,
             })
+            config.update(self._config())  # class-specific entries win (an as-is tokenizer.json says so here)
             if self._extra_special:
                 config["extra_special_tokens"] = list(self._extra_special)
             if self.split_special_tokens:
@@ -457,10 +459,13 @@ def _read_settings(directory: Union[str, os.PathLike], read_tokenizer_json: bool
             named = {AddedToken.parse(config[a]).content for a in SPECIAL_ATTRIBUTES if config.get(a)}
             for content, index in encoder.items():
                 added[int(index)] = AddedToken(content, special=content in named, normalized=content not in named)
-        if read_tokenizer_json and os.path.isfile(os.path.join(directory, TOKENIZER_JSON)):
-            for entry in _read_json(os.path.join(directory, TOKENIZER_JSON), "tokenizer file").get("added_tokens",
-                                                                                                  []):
-                added[int(entry["id"])] = AddedToken.parse(entry, where=f"added_tokens in {TOKENIZER_JSON}")
+        path = os.path.join(directory, TOKENIZER_JSON)
+        if read_tokenizer_json and os.path.isfile(path):
+            data = _read_json(path, "tokenizer file")
+            for entry in (data.get("added_tokens") or []) if isinstance(data, dict) else []:
+                if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
+                    raise TokenizerError(f"{path}: added token {entry!r} has no integer id")
+                added[entry["id"]] = AddedToken.parse(entry, where=f"added_tokens in {path}")
     return _Settings(directory, config, dict(sorted(added.items())))
 
 
@@ -475,6 +480,7 @@ class BertGenerationTokenizer(PreTrainedTokenizer):
     the pieces map to ids through the added-token table first, then the model. Decoding joins the pieces, turns "▁"
     into spaces and strips the ends, as transformers' slow tokenizer does (not ``SentencePieceProcessor.decode``).
     Special tokens missing from the model are appended after it (ids from ``vocab_size`` on), as transformers does.
+    Added tokens listed in ``tokenizer_config.json`` keep their ids and lstrip / rstrip / single_word flags.
     """
 
     tokenizer_class = "BertGenerationTokenizer"
@@ -543,7 +549,8 @@ class BertGenerationTokenizer(PreTrainedTokenizer):
         return self._n_pieces
 
     def __len__(self) -> int:
-        return len({self._sp.id_to_piece(i) for i in range(self._n_pieces)} | set(self._added_ids))
+        """Pieces plus added tokens that are not pieces (transformers counts the keys of its vocabulary)."""
+        return self._n_pieces + sum(1 for c in self._added_ids if self._sp.id_to_piece(self._sp.piece_to_id(c)) != c)
 
     def token_to_id(self, token: str) -> Optional[int]:
         if token in self._added_ids:
@@ -551,17 +558,29 @@ class BertGenerationTokenizer(PreTrainedTokenizer):
         return self._sp.piece_to_id(token)  # an unknown piece gives the model's unk id, as in transformers
 
     def _fragments(self, text: str) -> list[tuple[str, bool]]:
-        """``text`` cut at added tokens: (fragment, is_added_token), honouring their lstrip / rstrip flags."""
+        """``text`` cut at added tokens: (fragment, is_added_token), with transformers' slow-tokenizer handling of
+        the lstrip / rstrip / single_word flags (a single-word token touching a word becomes part of that text)."""
         if self._split_re is None or self.split_special_tokens:
             return [(text, False)]
-        parts = [[p, k % 2 == 1] for k, p in enumerate(self._split_re.split(text))]
+        # Like transformers' Trie.split, no empty fragments between adjacent tokens (they would be neighbours).
+        parts = [[p, k % 2 == 1] for k, p in enumerate(self._split_re.split(text)) if p]
         for k, (part, is_added) in enumerate(parts):
-            if is_added:
-                flags = self._added_by_id[self._added_ids[part]]
-                if flags.rstrip and k + 1 < len(parts):
-                    parts[k + 1][0] = parts[k + 1][0].lstrip()
-                if flags.lstrip and k > 0:
-                    parts[k - 1][0] = parts[k - 1][0].rstrip()
+            if not is_added:
+                continue
+            flags = self._added_by_id[self._added_ids[part]]
+            left = parts[k - 1][0] if k > 0 else ""
+            right = parts[k + 1][0] if k + 1 < len(parts) else ""
+            if flags.rstrip and right:
+                parts[k + 1][0] = right.lstrip()
+            if flags.lstrip and left:
+                parts[k - 1][0] = left.rstrip()
+            # A merged fragment is an added token only if its whole text is one (transformers compares strings).
+            if flags.single_word and left and left[-1] != " ":
+                merged = parts[k - 1][0] + part
+                parts[k - 1], parts[k] = [merged, merged in self._added_ids], ["", False]
+            elif flags.single_word and right and right[0] != " ":
+                merged = part + parts[k + 1][0]
+                parts[k + 1], parts[k] = [merged, merged in self._added_ids], ["", False]
         return [(p, a) for p, a in parts if p]
 
     def _tokenize_batch(self, texts: list[str]) -> list[list[str]]:
@@ -654,7 +673,8 @@ class _RustTokenizer(PreTrainedTokenizer):
     def _encode_batch(self, texts: list[str], add_special_tokens: bool, max_length: Optional[int]) -> list[list[int]]:
         n_special = self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0
         if max_length is not None and max_length < n_special:
-            raise ValueError(f"max_length={max_length} leaves no room: {n_special} special tokens are added")
+            # Surprising but matched: transformers (the tokenizers backend) then does not truncate at all.
+            max_length = None
         rows = []
         for enc in self._tok.encode_batch(texts, add_special_tokens=False):
             # The backend's own truncation: the text is cut so that it fits with the special tokens.
@@ -685,11 +705,10 @@ class _RustTokenizer(PreTrainedTokenizer):
         return [TOKENIZER_JSON]
 
     def _config(self) -> dict:
-        added = self._tok.get_added_tokens_decoder()
-        return {"backend": "tokenizers",
-                "added_tokens_decoder": {str(i): AddedToken(t.content, special=t.special, lstrip=t.lstrip, rstrip=t.rstrip,
-                                                            single_word=t.single_word, normalized=t.normalized
-                                                            ).to_json() for i, t in sorted(added.items())},
+        added = {str(i): AddedToken(t.content, special=t.special, lstrip=t.lstrip, rstrip=t.rstrip,
+                                    single_word=t.single_word, normalized=t.normalized).to_json()
+                 for i, t in sorted(self._tok.get_added_tokens_decoder().items())}
+        return {"backend": "tokenizers", "added_tokens_decoder": added,
                 **({"tokenizer_class": "TokenizersBackend"} if self._as_is else {})}
 
 
