@@ -2,7 +2,9 @@
 from .config import BertGenerationConfig, ConfigError, EncoderDecoderConfig, load_config
 from .checkpoints import CheckpointError
 from .convert import ConversionError, Report
+from .decoding import GenerationConfig
 from .models import BertGenerationDecoder, BertGenerationEncoder, EncoderDecoderModel
+from .pipeline import InputTooLongError, Text2TextGenerator
 from .tokenization import (AutoTokenizer, BertGenerationTokenizer, BertTokenizer, RobertaTokenizer,
                            TokenizerError)
 
@@ -10,5 +12,6 @@ __all__ = [
     "BertGenerationConfig", "EncoderDecoderConfig", "load_config", "ConfigError", "CheckpointError",
     "ConversionError", "Report", "BertGenerationEncoder", "BertGenerationDecoder", "EncoderDecoderModel",
     "AutoTokenizer", "BertGenerationTokenizer", "BertTokenizer", "RobertaTokenizer", "TokenizerError",
+    "GenerationConfig", "Text2TextGenerator", "InputTooLongError",
 ]
 __version__ = "0.1.0"
