@@ -1,0 +1,4 @@
+"""Training: optimisers and schedules, sharding rules, the train step (and the data pipeline)."""
+from .optim import inverse_sqrt_schedule, linear_warmup_linear_decay, make_optimizer
+from .sharding import batch_sharding, make_mesh, tree_shardings
+from .step import TrainState, create_state, make_eval_step, make_train_step, shard_state, token_loss

@@ -1,0 +1,108 @@
+"""The training step: loss with optional label smoothing, metrics, optimizer update; jitted with shardings.
+
+Batches are dicts of numpy/jax arrays: ``input_ids`` [B, S], ``attention_mask`` [B, S], ``labels`` [B, T] (-100
+at padding) and optionally ``decoder_attention_mask`` [B, T]. Decoder inputs are the labels shifted right behind
+``decoder_start_token_id`` exactly as ``EncoderDecoderModel`` builds them.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ..modeling import EncoderDecoderModule, resolve_start_and_pad, shift_tokens_right
+from . import sharding as shard_lib
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """A fresh state owning a copy of ``params`` (the train step donates its input state's buffers)."""
+    params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
+    return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+
+def token_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> tuple[jax.Array, dict]:
+    """Mean token cross-entropy over labels != -100 (float32), with optional label smoothing, and metrics."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)              # [B, T, V]
+    valid = labels != -100
+    safe = jnp.where(valid, labels, 0)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]          # [B, T]
+    per_token = nll
+    if label_smoothing:
+        per_token = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+    count = valid.sum()
+    denom = jnp.maximum(count, 1)
+    loss = jnp.where(valid, per_token, 0.0).sum() / denom
+    correct = jnp.where(valid, jnp.argmax(logp, axis=-1) == labels, False).sum()
+    return loss, {"loss": loss, "nll": jnp.where(valid, nll, 0.0).sum() / denom,
+                  "accuracy": correct / denom, "tokens": count}
+
+
+def seq2seq_logits(module: EncoderDecoderModule, params: Any, batch: Mapping[str, jax.Array],
+                   dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Decoder logits for ``batch['labels']`` (shifted right), dropout on when ``dropout_rng`` is given."""
+    pad, start = resolve_start_and_pad(module.config)
+    labels = batch["labels"]
+    decoder_input_ids = shift_tokens_right(labels, pad, start)
+    decoder_mask = batch.get("decoder_attention_mask")
+    if decoder_mask is None:  # as transformers: mask the pad positions of the shifted labels
+        decoder_mask = decoder_input_ids != pad
+    out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
+                       decoder_mask, deterministic=dropout_rng is None,
+                       rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+    return out.logits
+
+
+def make_train_step(module: EncoderDecoderModule, tx: optax.GradientTransformation, *,
+                    label_smoothing: float = 0.0, mesh: Optional[Mesh] = None,
+                    state_shardings: Any = None, schedule: Optional[Callable] = None) -> Callable:
+    """A jitted ``(state, batch) -> (state, metrics)``; with ``mesh`` the batch is split over every device and
+    the state follows ``state_shardings`` (see ``shard_state``). The input state's buffers are donated."""
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array]):
+        rng, dropout = jax.random.split(state.rng)
+
+        def loss_fn(params):
+            logits = seq2seq_logits(module, params, batch, dropout)
+            return token_loss(logits, batch["labels"], label_smoothing)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(state_shardings, shard_lib.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(module: EncoderDecoderModule, mesh: Optional[Mesh] = None) -> Callable:
+    """A jitted ``(params, batch) -> metrics`` without dropout (loss, accuracy, token count)."""
+    def step(params, batch):
+        return token_loss(seq2seq_logits(module, params, batch), batch["labels"])[1]
+    if mesh is None:
+        return jax.jit(step)
+    return jax.jit(step, in_shardings=(None, shard_lib.batch_sharding(mesh)))
+
+
+def shard_state(state: TrainState, mesh: Mesh, min_size: int = shard_lib.MIN_SHARD_SIZE
+                ) -> tuple[TrainState, Any]:
+    """Places ``state`` on ``mesh`` by the FSDP rule; returns it with the shardings to jit the step with."""
+    shardings = shard_lib.tree_shardings(state, mesh, min_size)
+    return jax.device_put(state, shardings), shardings

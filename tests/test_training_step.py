@@ -1,0 +1,163 @@
+"""The training step: gradients equal transformers' PyTorch gradients; sharded steps equal one-device steps."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import bertgen_flax as bg
+from bertgen_flax import convert
+from bertgen_flax.training import (create_state, inverse_sqrt_schedule, linear_warmup_linear_decay,
+                                   make_optimizer, make_train_step, token_loss)
+from bertgen_flax.training.optim import decay_mask
+from bertgen_flax.training.step import seq2seq_logits
+
+from conftest import REPO, TINY, seq2seq_checkpoint
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, TINY["vocab_size"], (3, 9))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = rng.integers(3, TINY["vocab_size"], (3, 7))
+    labels[2, 5:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "ed"
+    ref = seq2seq_checkpoint(path, seed=2)
+    return ref, bg.EncoderDecoderModel.from_pretrained(str(path))
+
+
+def test_gradients_equal_transformers_pytorch_gradients(pair):
+    ref, ours = pair
+    batch = _batch()
+    ref.zero_grad()
+    out = ref(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+              labels=torch.tensor(batch["labels"]))
+    out.loss.backward()
+    want = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
+
+    def loss_fn(params):
+        return token_loss(seq2seq_logits(ours.module, params, batch), jnp.asarray(batch["labels"]))[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(ours.params)
+    assert abs(float(loss) - float(out.loss)) <= 1e-5
+    got = convert.flax_to_torch(jax.tree_util.tree_map(np.asarray, grads), convert.ENCODER_DECODER, ours.config)
+    assert set(want) <= set(got)
+    scale = max(float(np.abs(g).max()) for g in want.values())
+    worst = max(float(np.abs(got[k] - g).max()) for k, g in want.items())
+    assert worst <= 1e-5 * max(1.0, scale), (worst, scale)
+
+
+def test_label_smoothing_equals_torch_cross_entropy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, (2, 5))
+    labels[1, 3:] = -100
+    want = torch.nn.functional.cross_entropy(torch.tensor(logits).reshape(-1, 11), torch.tensor(labels).reshape(-1),
+                                             ignore_index=-100, label_smoothing=0.1)
+    got, metrics = token_loss(jnp.asarray(logits), jnp.asarray(labels), 0.1)
+    assert abs(float(got) - float(want)) <= 1e-6
+    assert int(metrics["tokens"]) == 8
+
+
+def test_weight_decay_skips_biases_and_layer_norms(pair):
+    _, ours = pair
+    mask = convert.flatten(decay_mask(ours.params))
+    assert not any(v for k, v in mask.items() if k[-1] == "bias" or "LayerNorm" in k)
+    assert mask[("encoder", "encoder", "layer", "attention", "self", "query", "kernel")]
+
+
+def test_schedules_warm_up_and_decay():
+    lin = linear_warmup_linear_decay(1e-3, 10, 110)
+    assert float(lin(0)) == 0.0 and abs(float(lin(10)) - 1e-3) < 1e-9 and abs(float(lin(60)) - 5e-4) < 1e-9
+    inv = inverse_sqrt_schedule(1024, 100)
+    peak = float(inv(100))
+    assert abs(peak - 1024 ** -0.5 * 100 ** -0.5) < 1e-9 and float(inv(50)) < peak and float(inv(400)) < peak
+
+
+def test_a_step_lowers_the_loss_and_counts(pair):
+    _, ours = pair
+    tx = make_optimizer("adamw", 1e-3)
+    state = create_state(ours.params, tx, jax.random.PRNGKey(0))
+    step = make_train_step(ours.module, tx)
+    batch = jax.tree_util.tree_map(jnp.asarray, _batch())
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 3 and losses[-1] < losses[0]
+
+
+def test_gradient_accumulation_over_two_halves_equals_one_full_step(pair):
+    _, ours = pair
+    batch = _batch(3)
+    batch["labels"][:, 5:] = -100  # equal token counts in every row, so half-batch means average to the full mean
+    full = jax.tree_util.tree_map(jnp.asarray, batch)
+    halves = [jax.tree_util.tree_map(lambda x: jnp.asarray(x[i:i + 1]), batch) for i in range(2)]
+    full["input_ids"], full["attention_mask"], full["labels"] = (full[k][:2] for k in ("input_ids", "attention_mask",
+                                                                                       "labels"))
+    no_dropout = bg.EncoderDecoderModel(ours.config.replace(
+        encoder=ours.config.encoder.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        decoder=ours.config.decoder.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+        params=ours.params)
+    one = make_optimizer("adam", 1e-3, clip_norm=None)
+    two = make_optimizer("adam", 1e-3, clip_norm=None, accumulation_steps=2)
+    s1 = make_train_step(no_dropout.module, one)(create_state(ours.params, one, jax.random.PRNGKey(0)), full)[0]
+    step2 = make_train_step(no_dropout.module, two)
+    s2 = create_state(ours.params, two, jax.random.PRNGKey(0))
+    for half in halves:
+        s2, _ = step2(s2, half)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(s1.params),
+                                                          jax.tree_util.tree_leaves(s2.params)))
+    assert diff <= 1e-6
+
+
+SHARDED_SCRIPT = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+import bertgen_flax as bg
+from bertgen_flax.training import create_state, make_mesh, make_optimizer, make_train_step, shard_state
+assert len(jax.devices()) == 8
+model = bg.EncoderDecoderModel.from_pretrained(sys.argv[1])
+rng = np.random.default_rng(0)
+batch = {"input_ids": rng.integers(3, 99, (8, 9)), "attention_mask": np.ones((8, 9), np.int32),
+         "labels": rng.integers(3, 99, (8, 7))}
+batch["attention_mask"][3, 5:] = 0; batch["labels"][2, 4:] = -100
+batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+tx = make_optimizer("adamw", 1e-3)
+results = []
+for mesh in (None, make_mesh(data=2, fsdp=4)):
+    state = create_state(model.params, tx, jax.random.PRNGKey(0))
+    if mesh is None:
+        step = make_train_step(model.module, tx)
+    else:
+        state, shardings = shard_state(state, mesh, min_size=0)  # the tiny model's leaves are small
+        step = make_train_step(model.module, tx, mesh=mesh, state_shardings=shardings)
+        specs = [s.spec for s in jax.tree_util.tree_leaves(shardings)]
+        assert any("fsdp" in tuple(x) for x in specs), "nothing was sharded over fsdp"
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    results.append((float(metrics["loss"]), [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]))
+(l1, p1), (l8, p8) = results
+worst = max(float(np.abs(a - b).max()) for a, b in zip(p1, p8))
+assert abs(l1 - l8) <= 1e-5 and worst <= 1e-5, (l1, l8, worst)
+print("OK", l1, l8, worst)
+"""
+
+
+def test_a_step_on_8_devices_with_data_and_fsdp_sharding_equals_one_device(pair, tmp_path):
+    _, ours = pair
+    ours.save_pretrained(str(tmp_path / "m"))
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path / "m")], capture_output=True,
+                          text=True, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
