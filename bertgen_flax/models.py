@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoints, convert
+from .fileio import write_dir_atomically
 from .config import (GENERATION_CONFIG_NAME, BertGenerationConfig, ConfigError, EncoderDecoderConfig,
                      load_config, read_json)
 from .modeling import (BertGenerationDecoderModule, BertGenerationModule, EncoderDecoderModule, LMOutput,
@@ -87,31 +86,6 @@ def _labels(x: Any, vocab_size: int, shape: Optional[tuple[int, ...]]) -> Option
     if bad.size:
         raise ValueError(f"labels hold id {int(bad[0])}, outside the vocabulary [0, {vocab_size}) and not -100")
     return arr.astype(np.int32)
-
-
-def _write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
-    """Runs ``write(tmp)`` into a fresh sibling directory, then moves its files into ``out_dir``.
-
-    A failure leaves ``out_dir`` as it was (or absent): nothing is written half-way.
-    """
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        if not os.path.exists(out_dir):
-            os.rename(tmp, out_dir)
-            return
-        if not os.path.isdir(out_dir):
-            raise FileExistsError(f"output path exists and is not a directory: {out_dir}")
-        for name in os.listdir(tmp):
-            target = os.path.join(out_dir, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, name), target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class PretrainedModel:
@@ -235,7 +209,7 @@ class PretrainedModel:
                 with open(os.path.join(tmp, GENERATION_CONFIG_NAME), "w", encoding="utf-8") as f:
                     json.dump(gen, f, indent=2, sort_keys=True)
 
-        _write_dir_atomically(out_dir, write)
+        write_dir_atomically(out_dir, write)
 
     def save_native(self, out_dir: str) -> None:
         """Writes a native checkpoint: config.json, the marker file and an orbax tree of stacked params."""
@@ -252,7 +226,7 @@ class PretrainedModel:
                 json.dump({"format": "bertgen-flax", "version": NATIVE_FORMAT_VERSION, "kind": self.kind,
                            "layers": "stacked"}, f, indent=2)
 
-        _write_dir_atomically(out_dir, write)
+        write_dir_atomically(out_dir, write)
 
     def _config_for_saving(self) -> Any:
         return self.config

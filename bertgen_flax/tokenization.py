@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from .fileio import write_dir_atomically
 
 VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when the config gives none
 LARGE_INTEGER = int(1e20)  # above this, model_max_length means "no limit" for padding and truncation
@@ -86,26 +86,6 @@ def _read_json_object(path: str, what: str) -> dict:
     if not isinstance(data, dict):
         raise TokenizerError(f"{what} {path} must hold a JSON object, found {type(data).__name__}")
     return data
-
-
-def _write_dir_atomically(out_dir: str, write: Callable[[str], None]) -> None:
-    """Runs ``write(tmp)`` in a fresh sibling directory, then moves its files into ``out_dir`` (so a failure
-    leaves ``out_dir`` as it was); other files already in ``out_dir`` are kept."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"output path exists and is not a directory: {out_dir}")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        if not os.path.exists(out_dir):
-            os.rename(tmp, out_dir)
-            return
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -365,7 +345,7 @@ class PreTrainedTokenizer:
                 f.write("\n")
             names.append(TOKENIZER_CONFIG)
 
-        _write_dir_atomically(directory, write)
+        write_dir_atomically(directory, write)
         return tuple(os.path.join(directory, n) for n in names)
 
     def __repr__(self) -> str:

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from ..fileio import atomic_file
+
 PathLike = Union[str, os.PathLike]
 Pair = tuple[str, str]
 IGNORE_INDEX = -100  # label value the loss skips (torch's CrossEntropyLoss default, used by transformers)
@@ -150,22 +152,9 @@ def _read_files(files: Sequence[str], format: str, source_key: str, target_key: 
 
 
 def _atomic_write_bytes(path: PathLike, write: Any) -> None:
-    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it over ``path``: readers see the
-    old file or the complete new one, never a partial one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it over ``path``."""
+    with atomic_file(path, "wb") as f:
+        write(f)
 
 
 def write_jsonl(pairs: Iterable[Pair], path: PathLike, *, source_key: str = "source",
