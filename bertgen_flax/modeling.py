@@ -426,7 +426,8 @@ class LMHead(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), self.param_dtype)
         h = h.astype(self.dtype)
         if cfg.tie_word_embeddings:
-            logits = jnp.dot(h, word_embeddings.astype(self.dtype).T)                         # [B, T, V]
+            # contract with E as stored ([V, H]): a transposed copy of E per decode step costs more than the matmul
+            logits = jnp.einsum("bth,vh->btv", h, word_embeddings.astype(self.dtype))           # [B, T, V]
         else:
             decoder = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                                kernel_init=nn.initializers.normal(cfg.initializer_range), name="decoder")
