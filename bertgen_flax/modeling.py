@@ -8,8 +8,9 @@ cache leaf) or unrolled as ``layer_0 .. layer_{L-1}``.
 Shapes: B batch, T query length, S key length, H hidden, N heads, D head dim, L layers, V vocab.
 
 Cache layout (``decode=True``): ``cache/cache_index`` () int32 at the model level: the next position to write;
-per layer ``attention/cached_key`` and ``attention/cached_value`` [B, S_max, N, D] preallocated to the maximum
-length, and for decoders ``crossattention/cross_key``/``cross_value`` [B, S_src, N, D] written by the first call
+per layer ``attention/cached_key`` and ``attention/cached_value`` [B, N, S_max, D] (head-major, so decode steps
+read them without transposes) preallocated to the maximum length, and for decoders
+``crossattention/cross_key``/``cross_value`` [B, N, S_src, D] written by the first call
 that passes ``encoder_hidden_states`` and read by every later call that passes none. Scanned layers add a
 leading [L] axis to every per-layer leaf.
 """
@@ -159,7 +160,9 @@ class AttentionProjections(nn.Module):
         return self.split_heads(self.query(x))
 
     def keys_values(self, x: Array) -> tuple[Array, Array]:
-        return self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        """Keys and values head-major, [B, N, S, D]: the layout the cache stores and the einsums read."""
+        return (self.split_heads(self.key(x)).transpose(0, 2, 1, 3),
+                self.split_heads(self.value(x)).transpose(0, 2, 1, 3))
 
     def distances(self, query_positions: Array, key_positions: Array) -> Array:
         """Embeddings of query-minus-key distances, [T, S, D], indexed as transformers 4.57 does."""
@@ -213,24 +216,24 @@ class Attention(nn.Module):
         query_positions = offset + jnp.arange(t)                                 # [T]
 
         if self.cross:
-            k, v = self._cross_keys_values(proj, kv_states)                      # [B, S_src, N, D]
-            key_positions = jnp.arange(k.shape[1])
+            k, v = self._cross_keys_values(proj, kv_states)                      # [B, N, S_src, D]
+            key_positions = jnp.arange(k.shape[2])
         else:
             k, v = proj.keys_values(x)
             if self.decode:
-                k, v = self._update_cache(k, v, offset)                         # [B, S_max, N, D]
-            key_positions = jnp.arange(k.shape[1])
+                k, v = self._update_cache(k, v, offset)                         # [B, N, S_max, D]
+            key_positions = jnp.arange(k.shape[2])
 
         groups = q.shape[0] // k.shape[0]
         if groups > 1:
             # Cross K/V shared by the `groups` beams (or samples) of each source: fold them into the query axis.
             q = q.reshape(k.shape[0], groups * t, *q.shape[2:])                  # [B_src, G * T, N, D]
-        scores = jnp.einsum("bqnd,bknd->bnqk", q, k)                             # [B, N, T, S]
+        scores = jnp.einsum("bqnd,bnkd->bnqk", q, k)                             # [B, N, T, S]
         if self.relative:
             pe = proj.distances(query_positions, key_positions).astype(q.dtype)  # [T, S, D]
             scores = scores + jnp.einsum("bqnd,qkd->bnqk", q, pe)
             if cfg.position_embedding_type == "relative_key_query":
-                scores = scores + jnp.einsum("bknd,qkd->bnqk", k, pe)
+                scores = scores + jnp.einsum("bnkd,qkd->bnqk", k, pe)
         scores = scores / jnp.sqrt(jnp.asarray(cfg.head_dim, scores.dtype))
 
         allowed = None
@@ -246,7 +249,7 @@ class Attention(nn.Module):
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         if head_mask is not None:
             probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-        context = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, t, cfg.hidden_size)  # [B, T, H]
+        context = jnp.einsum("bnqk,bnkd->bqnd", probs, v).reshape(b, t, cfg.hidden_size)  # [B, T, H]
         if groups > 1 and output_attentions:
             probs = probs.reshape(k.shape[0], -1, groups, t, probs.shape[-1]).swapaxes(1, 2).reshape(
                 b, -1, t, probs.shape[-1])
@@ -257,7 +260,7 @@ class Attention(nn.Module):
         """Writes this chunk's keys/values at ``offset`` into the preallocated cache and returns the whole cache."""
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        start = (0, offset, 0, 0)
+        start = (0, 0, offset, 0)
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype),
                                                           start)

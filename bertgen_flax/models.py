@@ -461,7 +461,7 @@ class BertGenerationDecoder(PretrainedModel):
 def _cache_length(cache: Mapping) -> int:
     for path, leaf in convert.flatten(cache).items():
         if path[-1] == "cached_key":
-            return leaf.shape[-3]
+            return leaf.shape[-2]  # [..., B, N, S_max, D]
     raise ValueError("past_key_values is not a bertgen cache (no cached_key entries)")
 
 

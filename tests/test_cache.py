@@ -104,8 +104,8 @@ def test_cache_layout_is_preallocated_with_a_leading_layer_axis(seq2seq):
     flat = {"/".join(k): v.shape for k, v in bg.convert.flatten(cache).items()}
     n, heads, hd = TINY["num_hidden_layers"], TINY["num_attention_heads"], TINY["hidden_size"] // 4
     assert flat["decoder/bert/cache_index"] == ()
-    assert flat["decoder/bert/encoder/layer/attention/cached_key"] == (n, B, 16, heads, hd)
-    assert flat["decoder/bert/encoder/layer/crossattention/cross_key"] == (n, B, S, heads, hd)
+    assert flat["decoder/bert/encoder/layer/attention/cached_key"] == (n, B, heads, 16, hd)
+    assert flat["decoder/bert/encoder/layer/crossattention/cross_key"] == (n, B, heads, S, hd)
 
 
 def test_cache_longer_than_the_positions_is_rejected(decoder):
