@@ -162,7 +162,7 @@ def _adapt_stack(state: dict[str, np.ndarray], cfg: BertGenerationConfig, target
             out[target_prefix + rest] = value
         elif key.startswith(prefix + "pooler.") or key.startswith(_HEADS):
             if keep_lm_head and not roberta and key.startswith("lm_head."):
-                out[target_prefix.replace("bert.", "") + key] = value
+                out[key] = value  # the decoder's own head: lm_head.* keeps its name
             else:
                 drop(key, "head not part of BertGeneration")
         else:

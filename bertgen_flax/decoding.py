@@ -351,7 +351,7 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
     state = dict(
         cur_len=jnp.array(p, jnp.int32), running=running, running_scores=jnp.zeros((b, k)).at[:, 1:].set(BEAM_NEG),
         sequences=running, beam_scores=jnp.full((b, k), BEAM_NEG), finished=jnp.zeros((b, k), bool),
-        improvable=jnp.ones((b, 1), bool), hits=jnp.zeros((b, k), bool), stop=jnp.array(False),
+        improvable=jnp.ones((b, 1), bool), stop=jnp.array(False),
         gen_len=jnp.zeros((b, k), jnp.int32), running_gen_len=jnp.zeros((b, k), jnp.int32),
         logits=logits.astype(jnp.float32), cache=cache, rng=jax.random.PRNGKey(0) if rng is None else rng)
     rows = jnp.arange(b)[:, None]
@@ -413,7 +413,7 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
         open_beam = ~(jnp.all(finished) & (spec.early_stopping is True))
         stop = ~(jnp.any(improvable) & open_beam & ~jnp.all(hits))
         new = dict(cur_len=cur_len, running=running, running_scores=running_scores, sequences=sequences,
-                   beam_scores=beam_scores, finished=finished, improvable=improvable, hits=hits[:, :k],
+                   beam_scores=beam_scores, finished=finished, improvable=improvable,
                    stop=stop, gen_len=gen_len, running_gen_len=running_gen_len, rng=rng)
         src_rows = (beam_parent + jnp.arange(b)[:, None] * k).reshape(n)
 
@@ -440,7 +440,3 @@ def trim(sequences: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """transformers' batch-wide trim: every row cut to the longest row's length."""
     return sequences[:, : int(np.max(lengths))]
 
-
-def expand_rows(x: Any, times: int) -> Any:
-    """[B, ...] -> [B * times, ...], copies of a row adjacent (transformers' ``repeat_interleave`` layout)."""
-    return None if x is None else jnp.repeat(jnp.asarray(x), times, axis=0)

@@ -50,17 +50,14 @@ def _expand(spec: SearchSpec) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int) -> Callable:
-    from .modeling import EncoderDecoderModule
+    from .modeling import EncoderDecoderModule, empty_cache
     copies = _expand(spec)
 
     def program(params, src, src_mask, prompt, rng):
         TRACE_COUNTS["seq2seq"] += 1
         enc = module.apply({"params": params}, src, src_mask, method=EncoderDecoderModule.encode).last_hidden_state
         n = batch * copies
-        shapes = jax.eval_shape(lambda: module.init(
-            jax.random.PRNGKey(0), jnp.zeros((n, spec.max_length), jnp.int32), enc, decode=True,
-            method=EncoderDecoderModule.decode)["cache"])
-        cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        cache = empty_cache(module, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
 
         def run(cache, tokens, states):
             out, variables = module.apply({"params": params, "cache": cache}, tokens, states, src_mask, decode=True,
@@ -77,6 +74,7 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int) ->
 
 @functools.lru_cache(maxsize=64)
 def _causal_program(module: Any, spec: SearchSpec, batch: int) -> Callable:
+    from .modeling import empty_cache
     copies = _expand(spec)
 
     def program(params, prompt, prompt_mask, rng):
@@ -90,9 +88,7 @@ def _causal_program(module: Any, spec: SearchSpec, batch: int) -> Callable:
         pad_before = p - prompt_mask.sum(axis=1)                                  # [N]
         prompt_positions = jnp.clip(jnp.cumsum(prompt_mask, axis=1) - 1, 0, None)
         prompt_positions = jnp.where(prompt_mask == 1, prompt_positions, 1)
-        shapes = jax.eval_shape(lambda: module.init(
-            jax.random.PRNGKey(0), jnp.zeros((n, spec.max_length), jnp.int32), decode=True)["cache"])
-        cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        cache = empty_cache(module, (n, spec.max_length))
 
         def run(cache, tokens, positions):
             out, variables = module.apply({"params": params, "cache": cache}, tokens, full_mask, positions,

@@ -438,6 +438,15 @@ class LMHead(nn.Module):
         return logits + bias.astype(self.dtype)
 
 
+def empty_cache(module: nn.Module, ids_shape: tuple[int, int], *args: Any, method: Any = None,
+                **kwargs: Any) -> dict:
+    """A zero cache shaped as ``module.init(..., decode=True)`` creates it (shapes only: nothing is computed)."""
+    ids = jnp.zeros(ids_shape, jnp.int32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids, *args, decode=True, method=method,
+                                                **kwargs)["cache"])
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 def cross_entropy(logits: Array, labels: Array, ignore_index: int = -100) -> Array:
     """Mean token cross-entropy over labels != ignore_index (torch's CrossEntropyLoss, computed in float32)."""
     logits = logits.astype(jnp.float32)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from . import checkpoints, convert
 from .fileio import write_dir_atomically
 from .config import (GENERATION_CONFIG_NAME, BertGenerationConfig, ConfigError, EncoderDecoderConfig,
                      load_config, read_json)
-from .modeling import (BertGenerationDecoderModule, BertGenerationModule, EncoderDecoderModule, LMOutput,
+from .modeling import (BertGenerationDecoderModule, BertGenerationModule, EncoderDecoderModule, LMOutput, empty_cache,
                        Seq2SeqOutput, StackOutput)
 
 if TYPE_CHECKING:
@@ -117,20 +117,20 @@ class PretrainedModel:
         """Dummy inputs that touch every parameter (cross-attention included)."""
         raise NotImplementedError
 
+    def _init_fn(self, module: Any) -> Callable[[jax.Array], dict]:
+        args, kwargs = self._init_args()
+        return lambda rng: module.init(rng, *args, **kwargs)["params"]
+
     def init_params(self, rng: jax.Array) -> dict:
         """Fresh random parameters (transformers' initialisation: normal(initializer_range), zero biases)."""
-        args, kwargs = self._init_args()
-        return jax.jit(lambda r: self.module.init(r, *args, **kwargs)["params"])(rng)
+        return jax.jit(self._init_fn(self.module))(rng)
 
     def _expected_shapes(self) -> Mapping:
-        module = self._make_module(True)
-        args, kwargs = self._init_args()
-        return jax.eval_shape(lambda r: module.init(r, *args, **kwargs)["params"], jax.random.PRNGKey(0))
+        """Shapes of the canonical (stacked) tree, without computing anything."""
+        return jax.eval_shape(self._init_fn(self._make_module(True)), jax.random.PRNGKey(0))
 
     def _canonical_init(self, rng: jax.Array) -> dict:
-        module = self._make_module(True)
-        args, kwargs = self._init_args()
-        return jax.jit(lambda r: module.init(r, *args, **kwargs)["params"])(rng)
+        return jax.jit(self._init_fn(self._make_module(True)))(rng)
 
     def canonical_params(self) -> dict:
         """Parameters with layers stacked on a leading axis (the checkpoint form), as numpy arrays."""
@@ -393,10 +393,7 @@ class BertGenerationDecoder(PretrainedModel):
         enc = None
         if encoder_length is not None:
             enc = jnp.zeros((batch_size, encoder_length, self.config.hidden_size), self.dtype)
-        shapes = jax.eval_shape(lambda: self.module.init(
-            jax.random.PRNGKey(0), jnp.zeros((batch_size, max_length), jnp.int32), encoder_hidden_states=enc,
-            decode=True)["cache"])
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return empty_cache(self.module, (batch_size, max_length), encoder_hidden_states=enc)
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
                  head_mask: Any = None, inputs_embeds: Any = None, encoder_hidden_states: Any = None,
@@ -572,10 +569,7 @@ class EncoderDecoderModel(PretrainedModel):
         if batch_size % sources:
             raise ValueError(f"encoder_batch_size {sources} does not divide batch_size {batch_size}")
         enc = jnp.zeros((sources, encoder_length, self.config.encoder.hidden_size), self.dtype)
-        shapes = jax.eval_shape(lambda: self.module.init(
-            jax.random.PRNGKey(0), jnp.zeros((batch_size, max_length), jnp.int32), enc, decode=True,
-            method=EncoderDecoderModule.decode)["cache"])
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return empty_cache(self.module, (batch_size, max_length), enc, method=EncoderDecoderModule.decode)
 
     def __call__(self, input_ids: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
                  decoder_attention_mask: Any = None, labels: Any = None, *, inputs_embeds: Any = None,
