@@ -161,3 +161,32 @@ def test_a_step_on_8_devices_with_data_and_fsdp_sharding_equals_one_device(pair,
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path / "m")], capture_output=True,
                           text=True, timeout=600, cwd=str(REPO))
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: make_optimizer("sgd"), "unknown optimizer 'sgd'"),
+    (lambda: make_optimizer("adamw", accumulation_steps=0), "accumulation_steps"),
+    (lambda: linear_warmup_linear_decay(1e-3, 20, 10), "warmup_steps"),
+    (lambda: inverse_sqrt_schedule(1024, 0), "warmup_steps must be positive"),
+])
+def test_bad_training_options_raise_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_rejected():
+    from bertgen_flax.training import make_mesh
+    with pytest.raises(ValueError, match="does not match"):
+        make_mesh(data=3, fsdp=5)
+
+
+def test_a_checkpointer_rejects_an_unknown_best_mode(tmp_path):
+    from bertgen_flax.training import Checkpointer
+    with pytest.raises(ValueError, match="best_mode"):
+        Checkpointer(str(tmp_path / "c"), best_mode="largest")
+
+
+def test_shared_cross_kv_needs_an_encoder_batch_that_divides_the_batch(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="does not divide"):
+        ours.init_cache(6, 4, 9, encoder_batch_size=4)
