@@ -107,6 +107,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.config import TrainConfig
+    from .training.trainer import STOP_FINISHED, train
+    config = TrainConfig.load(args.config, args.overrides)
+    if args.print_config:
+        import json
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    result = train(config, progress=False if args.quiet else None)
+    summary = {"stopped": result.stopped, "step": result.step, **{k: round(v, 6) for k, v in
+                                                                    result.eval_metrics.items()}}
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    if result.export_dir:
+        print(f"exported to {result.export_dir}")
+    return 0 if result.stopped in (STOP_FINISHED, "sigterm") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bertgen", description="BertGeneration models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-truncate", action="store_true", help="reject over-long inputs instead of truncating")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="fine-tune or warm-start an encoder-decoder (resumes when restarted)",
+                       description="Trains as the config describes (see train/README.md). Rerunning the same "
+                                   "command resumes from the latest checkpoint in run.output_dir. SIGTERM saves "
+                                   "and exits with status 0; a NaN/inf loss stops with status 1.")
+    t.add_argument("--config", help="a .toml or .json training config (default: built-in defaults)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. optim.learning_rate=1e-4 run.steps=200")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
     return parser
 
 
@@ -159,6 +187,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ConfigError, CheckpointError, convert_lib.ConversionError, ValueError, KeyError) as e:
         print(f"bertgen {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a run that cannot continue (training.TrainingError): not a usage error
+        if type(e).__name__ != "TrainingError":
+            raise
+        print(f"bertgen {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -66,9 +66,14 @@ def seq2seq_logits(module: EncoderDecoderModule, params: Any, batch: Mapping[str
 
 def make_train_step(module: EncoderDecoderModule, tx: optax.GradientTransformation, *,
                     label_smoothing: float = 0.0, mesh: Optional[Mesh] = None,
-                    state_shardings: Any = None, schedule: Optional[Callable] = None) -> Callable:
+                    state_shardings: Any = None, schedule: Optional[Callable] = None,
+                    accumulation_steps: int = 1) -> Callable:
     """A jitted ``(state, batch) -> (state, metrics)``; with ``mesh`` the batch is split over every device and
-    the state follows ``state_shardings`` (see ``shard_state``). The input state's buffers are donated."""
+    the state follows ``state_shardings`` (see ``shard_state``). The input state's buffers are donated.
+
+    Metrics: loss, nll, accuracy, tokens, grad_norm, finite (False when the loss or gradient was NaN/inf: the
+    update was then skipped) and, with ``schedule``, the learning rate of this step (the optimizer advances once
+    every ``accumulation_steps`` calls)."""
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng, dropout = jax.random.split(state.rng)
@@ -78,11 +83,17 @@ def make_train_step(module: EncoderDecoderModule, tx: optax.GradientTransformati
             return token_loss(logits, batch["labels"], label_smoothing)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        # A non-finite loss or gradient leaves params and optimizer state as they were (the input buffers are
+        # donated, so this is the only place the last good values still exist); the caller sees finite=False.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                                   (params, opt_state), (state.params, state.opt_state))
+        metrics = dict(metrics, grad_norm=grad_norm, finite=finite)
         if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
+            metrics["learning_rate"] = schedule(state.step // accumulation_steps)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
     if mesh is None:
