@@ -190,3 +190,33 @@ def test_shared_cross_kv_needs_an_encoder_batch_that_divides_the_batch(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="does not divide"):
         ours.init_cache(6, 4, 9, encoder_batch_size=4)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_a_close_loss(pair):
+    _, ours = pair
+    bf16 = bg.EncoderDecoderModel(ours.config, params=ours.params, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    tx = make_optimizer("adamw", 1e-3)
+    batch = jax.tree_util.tree_map(jnp.asarray, _batch())
+    f32_loss = float(make_train_step(ours.module, tx)(create_state(ours.params, tx, jax.random.PRNGKey(0)),
+                                                       batch)[1]["nll"])
+    state, metrics = make_train_step(bf16.module, tx)(create_state(ours.params, tx, jax.random.PRNGKey(0)), batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim)
+    assert metrics["loss"].dtype == jnp.float32
+    assert abs(float(metrics["nll"]) - f32_loss) < 0.05 * f32_loss
+
+
+def test_a_non_finite_loss_leaves_params_and_optimizer_state_unchanged(pair):
+    _, ours = pair
+    tx = make_optimizer("adamw", 1e-3)
+    state = create_state(ours.params, tx, jax.random.PRNGKey(0))
+    poisoned = state.replace(params={**poisoned.params, "decoder": jax.tree_util.tree_map(
+        lambda x: x * np.float32("nan") if x.ndim == 2 and x.shape[0] == TINY["vocab_size"] else x,
+        poisoned.params["decoder"])})
+    poisoned_before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves((poisoned.params,
+                                                                                poisoned.opt_state))]
+    after, metrics = make_train_step(ours.module, tx)(poisoned, jax.tree_util.tree_map(jnp.asarray, _batch()))
+    assert not bool(metrics["finite"])
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves((after.params, after.opt_state))]
+    assert len(leaves) == len(poisoned_before)
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(leaves, poisoned_before))
