@@ -210,9 +210,9 @@ def test_a_non_finite_loss_leaves_params_and_optimizer_state_unchanged(pair):
     _, ours = pair
     tx = make_optimizer("adamw", 1e-3)
     state = create_state(ours.params, tx, jax.random.PRNGKey(0))
-    poisoned = state.replace(params={**poisoned.params, "decoder": jax.tree_util.tree_map(
+    poisoned = state.replace(params={**state.params, "decoder": jax.tree_util.tree_map(
         lambda x: x * np.float32("nan") if x.ndim == 2 and x.shape[0] == TINY["vocab_size"] else x,
-        poisoned.params["decoder"])})
+        state.params["decoder"])})
     poisoned_before = [np.asarray(x).copy() for x in jax.tree_util.tree_leaves((poisoned.params,
                                                                                 poisoned.opt_state))]
     after, metrics = make_train_step(ours.module, tx)(poisoned, jax.tree_util.tree_map(jnp.asarray, _batch()))
