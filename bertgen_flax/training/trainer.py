@@ -426,8 +426,9 @@ def train(config: TrainConfig, *, progress: Optional[bool] = None) -> TrainResul
         export_dir = None
         best_step = best.best_step()
         if stopped == STOP_FINISHED:
-            if start >= r.steps and lead:
+            if start >= r.steps:
                 _say(f"nothing to do: {ckpt.directory} already holds step {start} of {r.steps}")
+                last_eval = _last_eval(os.path.join(out, "metrics.jsonl"))
             if r.plot and lead and os.path.exists(os.path.join(out, "metrics.jsonl")):
                 plot_curves(os.path.join(out, "metrics.jsonl"), os.path.join(out, "curves.png"))
             if r.export:
@@ -440,6 +441,15 @@ def train(config: TrainConfig, *, progress: Optional[bool] = None) -> TrainResul
             log.close()
         ckpt.close()
         best.close()
+
+
+def _last_eval(path: str) -> dict:
+    """The metrics of the last evaluation a finished run logged (for a rerun that has nothing left to do)."""
+    from .observe import read_metrics
+    if not os.path.exists(path):
+        return {}
+    evals = [r for r in read_metrics(path) if r.get("split") == "eval"]
+    return {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
 
 
 def export_best(model: Any, state: Any, best: Checkpointer, tokenizer: Any, directory: str, mesh: Any,
