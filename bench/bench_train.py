@@ -360,7 +360,8 @@ class OurEngine:
         return size() if callable(size) else None
 
 
-def measure(engine: Any, name: str, warmup: int, runs: int, snapshot: Callable[[], dict[str, np.ndarray]]) -> tuple[EngineResult, dict[str, np.ndarray]]:
+def measure(engine: Any, name: str, warmup: int, runs: int, snapshot: Callable[[], dict[str, np.ndarray]]
+            ) -> tuple[EngineResult, dict[str, np.ndarray]]:
     """First call (step 1), a snapshot of the checked parameters, ``warmup`` untimed and ``runs`` timed steps."""
     losses: list[float] = []
 
@@ -393,12 +394,13 @@ def fill_rates(r: EngineResult, shape: Shape, n_enc: int, n_dec: int, tokens: in
 # ---- the check ------------------------------------------------------------------------------------------------
 def check(torch_r: EngineResult, ours_r: EngineResult, want: dict[str, np.ndarray], got: dict[str, np.ndarray]
           ) -> dict[str, Any]:
-    """Step-1 and step-2 losses (relative difference) and the updated parameters after step 1 (max abs diff)."""
+    """Step-1 and step-2 losses (relative difference) and the updated parameters after step 1 (max abs diff).
+    A NaN anywhere fails the check (NaN compares False)."""
     loss_rel = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(torch_r.losses[:2], ours_r.losses[:2])]
     param_diff = {k: float(np.abs(want[k].astype(np.float64) - got[k]).max()) for k in want}
     return dict(loss_step1=(torch_r.losses[0], ours_r.losses[0]), loss_step2=(torch_r.losses[1], ours_r.losses[1]),
                 loss_rel_diff=loss_rel, param_max_abs_diff=param_diff,
-                passed=max(loss_rel) <= LOSS_RTOL and max(param_diff.values()) <= PARAM_ATOL)
+                passed=all(d <= LOSS_RTOL for d in loss_rel) and all(d <= PARAM_ATOL for d in param_diff.values()))
 
 
 # ---- reporting ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ def demo_config(out_dir: str, steps: int, eval_examples: int, seed: int = 0) -> 
         "model": {"init": "bert2bert", "pretrained": "minilm", "dropout": 0.0, "seed": seed},
         "data": {"synthetic": "fusion", "synthetic_train": 20000, "synthetic_eval": eval_examples,
                  "synthetic_seed": seed, "max_source_length": 40, "max_target_length": 32, "batch_size": 32,
+                 "bucket_boundaries": [40], "target_bucket_boundaries": [32],  # one shape: one compilation
                  "eval_batch_size": 64, "seed": seed},
         "optim": {"name": "adamw", "learning_rate": 3e-4, "schedule": "linear", "warmup_steps": max(steps // 10, 1),
                   "weight_decay": 0.01},

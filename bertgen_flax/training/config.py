@@ -74,6 +74,8 @@ class DataSection:
     eval_batch_size: int = 64
     seed: int = 0  # shuffling
     cache_dir: str = ""  # default: <output_dir>/cache
+    bucket_boundaries: Sequence[int] = ()  # source widths batches are padded to (default: powers of two)
+    target_bucket_boundaries: Sequence[int] = ()  # each distinct (source, target) width compiles the step once
 
 
 @dataclass(frozen=True)

@@ -337,7 +337,9 @@ def train(config: TrainConfig, *, progress: Optional[bool] = None) -> TrainResul
                                           state_shardings=state_shardings, schedule=schedule,
                                           accumulation_steps=o.accumulation_steps)
     eval_step = step_lib.make_eval_step(model.module, mesh)
-    it = data_lib.BatchIterator(train_data, config.data.batch_size, seed=config.data.seed)
+    it = data_lib.BatchIterator(train_data, config.data.batch_size, seed=config.data.seed,
+                                bucket_boundaries=config.data.bucket_boundaries or None,
+                                target_bucket_boundaries=config.data.target_bucket_boundaries or None)
 
     # resume
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=r.keep, async_save=r.async_checkpoints)
