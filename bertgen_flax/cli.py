@@ -133,6 +133,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if result["transformers_identical"] is False else 0
 
 
+BENCHES = {"generate": "bench_generate.py", "train": "bench_train.py", "ct2": "bench_ct2.py"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs one of the side-by-side benchmarks of a source checkout's ``bench/`` (they compare against
+    transformers and CTranslate2, which the library itself does not depend on)."""
+    import runpy
+    here = os.path.dirname(os.path.abspath(__file__))
+    bench_dir = os.environ.get("BERTGEN_BENCH_DIR", os.path.join(os.path.dirname(here), "bench"))
+    script = os.path.join(bench_dir, BENCHES[args.which])
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"benchmark script not found: {script} (the benchmarks live in a source checkout's "
+                                "bench/; set BERTGEN_BENCH_DIR to point at it)")
+    saved = sys.argv
+    sys.argv = [script, *args.bench_args]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bertgen", description="BertGeneration models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,11 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "directory and check that transformers generates the same tokens. Exits 1 if "
                                    "transformers disagrees.")
     d.add_argument("--out", default="out/demo", help="output folder (a previous demo's folder is replaced)")
-    d.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    d.add_argument("--steps", type=int, default=240, help="training steps (default 240)")
     d.add_argument("--eval-examples", type=int, default=200, help="held-out examples to evaluate (default 200)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="side-by-side benchmarks against transformers (and CTranslate2)",
+                       description="Runs bench/bench_<which>.py of the source checkout with the remaining "
+                                   "arguments (see BENCHMARKS.md): generate (ours vs transformers generate), "
+                                   "train (training step), ct2 (ours vs CTranslate2 vs transformers on a CPU).")
+    b.add_argument("which", choices=sorted(BENCHES))
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script (--help)")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -20,16 +20,19 @@ def demo_config(out_dir: str, steps: int, eval_examples: int, seed: int = 0) -> 
     """The demo's training run: BERT2BERT from MiniLM on synthetic fusion, sized for a 2-core CPU."""
     from .training import TrainConfig
     return TrainConfig.from_dict({
-        "model": {"init": "bert2bert", "pretrained": "minilm", "dropout": 0.0, "seed": seed},
+        # the vocabulary is trimmed to the ~380 tokens the data uses: same segmentation and embeddings, but a
+        # softmax over 380 instead of 30,522 tokens, which trains several times faster on a CPU
+        "model": {"init": "bert2bert", "pretrained": "minilm", "trim_vocabulary": True, "dropout": 0.0,
+                  "seed": seed},
         "data": {"synthetic": "fusion", "synthetic_train": 20000, "synthetic_eval": eval_examples,
-                 "synthetic_seed": seed, "max_source_length": 40, "max_target_length": 32, "batch_size": 32,
-                 "bucket_boundaries": [40], "target_bucket_boundaries": [32],  # one shape: one compilation
+                 "synthetic_seed": seed, "max_source_length": 32, "max_target_length": 24, "batch_size": 32,
+                 "bucket_boundaries": [24], "target_bucket_boundaries": [24],  # one shape: one compilation
                  "eval_batch_size": 64, "seed": seed},
-        "optim": {"name": "adamw", "learning_rate": 3e-4, "schedule": "linear", "warmup_steps": max(steps // 10, 1),
+        "optim": {"name": "adamw", "learning_rate": 5e-4, "schedule": "linear", "warmup_steps": max(steps // 10, 1),
                   "weight_decay": 0.01},
         "run": {"output_dir": out_dir, "steps": steps, "log_every": 10, "eval_every": 0,
                 "save_every": max(steps // 2, 1), "seed": seed},
-        "eval": {"best_metric": "exact_match", "max_new_tokens": 32},
+        "eval": {"best_metric": "exact_match", "max_new_tokens": 24},
     })
 
 
@@ -79,7 +82,7 @@ def _start_fresh(out_dir: str) -> None:
     shutil.rmtree(out_dir)
 
 
-def run_demo(out_dir: str = "out/demo", steps: int = 300, eval_examples: int = 200, seed: int = 0,
+def run_demo(out_dir: str = "out/demo", steps: int = 240, eval_examples: int = 200, seed: int = 0,
              progress: bool = True) -> dict:
     """Runs the demo and returns its numbers (exact match, BLEU, ROUGE, whether transformers agreed)."""
     from .models import EncoderDecoderModel

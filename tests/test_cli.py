@@ -234,3 +234,25 @@ def test_module_entry_point_exits_with_code_2_and_no_traceback(tmp_path):
     assert "bertgen convert: error: source checkpoint directory not found" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_bench_runs_the_checkout_benchmark_script_with_its_arguments():
+    proc = subprocess.run([sys.executable, "-m", "bertgen_flax", "bench", "generate", "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and "--preset" in proc.stdout
+
+
+def test_bench_without_the_scripts_names_the_missing_file(tmp_path):
+    env = dict(os.environ, BERTGEN_BENCH_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "bertgen_flax", "bench", "train"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 2 and "benchmark script not found" in proc.stderr
+
+
+def test_train_print_config_shows_every_resolved_key():
+    proc = subprocess.run([sys.executable, "-m", "bertgen_flax", "train", "--config", "train/fusion_tiny.toml",
+                           "run.steps=7", "--print-config"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads(proc.stdout)
+    assert config["run"]["steps"] == 7 and config["model"]["init"] == "rnd2rnd"
+    assert set(config) == {"model", "data", "optim", "run", "eval", "distributed"}

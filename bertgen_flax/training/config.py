@@ -52,6 +52,7 @@ class ModelSection:
     scan_layers: bool = True
     dropout: Optional[float] = None  # overrides hidden and attention dropout when set
     seed: int = 0  # random init of fresh weights (cross-attention, random stacks)
+    trim_vocabulary: bool = False  # keep only the pretrained vocabulary's tokens the training data uses
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,10 @@ class TrainConfig:
                                    "(a tokenizer directory, or 'word' to build one from the training data)")
         if m.config and m.init != "rnd2rnd":
             raise TrainConfigError("model.config only shapes models trained from scratch (model.init = 'rnd2rnd')")
+        if m.trim_vocabulary and (not m.pretrained or m.tokenizer):
+            raise TrainConfigError("model.trim_vocabulary trims the vocabulary of model.pretrained (a WordPiece "
+                                   "checkpoint) and uses its tokenizer: set model.pretrained and leave "
+                                   "model.tokenizer empty")
         if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
             raise TrainConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         if d.synthetic:

@@ -104,6 +104,24 @@ def build_tokenizer(config: TrainConfig, train_pairs: Optional[list]) -> Any:
     return AutoTokenizer.from_pretrained(_resolve_checkpoint(path))
 
 
+def trimmed_vocabulary(config: TrainConfig, train_pairs: Optional[list], lead: bool) -> TrainConfig:
+    """The config with ``model.pretrained`` replaced by a copy trimmed to the training data's tokens (written by
+    process 0 under the output directory; rebuilt identically on resume)."""
+    from ..vocab import trim_vocabulary
+    if train_pairs is None:
+        d = config.data
+        train_pairs = data_lib.read_pairs(list(d.train), format=d.format, source_key=d.source_key,
+                                          target_key=d.target_key)
+    out = os.path.join(os.path.abspath(config.run.output_dir), "trimmed-vocabulary")
+    if lead:
+        size = trim_vocabulary(_resolve_checkpoint(config.model.pretrained), [t for p in train_pairs for t in p], out)
+        _say(f"trimmed the vocabulary of {config.model.pretrained} to the {size} tokens the training data uses")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("bertgen trimmed vocabulary")
+    return config.replace({"model": {"pretrained": out, "trim_vocabulary": False}})
+
+
 def tokenize(config: TrainConfig, tokenizer: Any, train_pairs: Optional[list], eval_pairs: Optional[list]
              ) -> tuple[data_lib.TokenizedPairs, Optional[data_lib.TokenizedPairs]]:
     """Token ids of the train and eval sets, cached on disk."""
@@ -302,6 +320,8 @@ def train(config: TrainConfig, *, progress: Optional[bool] = None) -> TrainResul
 
     # data and model
     train_pairs, eval_pairs = load_pairs(config)
+    if config.model.trim_vocabulary:
+        config = trimmed_vocabulary(config, train_pairs, lead)
     tokenizer = build_tokenizer(config, train_pairs)
     train_data, eval_data = tokenize(config, tokenizer, train_pairs, eval_pairs)
     if train_data.truncated_sources or train_data.truncated_targets:
