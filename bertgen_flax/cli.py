@@ -48,6 +48,7 @@ def detect_kind(src: str) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    """``bertgen convert``: HF directory <-> native checkpoint (kind and direction detected)."""
     from .models import is_native_checkpoint
     src = resolve_source(args.src)
     if not os.path.isdir(src):
@@ -71,6 +72,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """``bertgen generate``: one output line per input line, from arguments, a file or stdin."""
     from .pipeline import InputTooLongError, Text2TextGenerator, read_lines, stderr_progress
     if args.input is not None and args.texts:
         raise ValueError("give texts as arguments or with --input, not both")
@@ -108,6 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``bertgen train``: runs or resumes the configured training; 0 when finished or stopped by SIGTERM."""
     from .training.config import TrainConfig
     from .training.trainer import STOP_FINISHED, train
     config = TrainConfig.load(args.config, args.overrides)
@@ -125,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``bertgen demo``: the offline warm-start, fine-tune, export and compare story."""
     from .demo import run_demo
     if args.steps < 1 or args.eval_examples < 1:
         raise ValueError("--steps and --eval-examples must be >= 1")
@@ -158,6 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``bertgen`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="bertgen", description="BertGeneration models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="convert between HF PyTorch directories and native Flax checkpoints",
@@ -236,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: runs a subcommand; bad input exits 2 with a message, a failed training run exits 1."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -106,6 +106,7 @@ class BertGenerationConfig(_ConfigFile):
 
     # ---- validation -------------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Raises ``ConfigError`` for values no model can have."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings"):
             value = getattr(self, name)
@@ -137,9 +138,11 @@ class BertGenerationConfig(_ConfigFile):
 
     @property
     def head_dim(self) -> int:
+        """Size of one attention head (hidden_size / num_attention_heads)."""
         return self.hidden_size // self.num_attention_heads
 
     def replace(self, **changes: Any) -> "BertGenerationConfig":
+        """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
 
     # ---- HF dict I/O ------------------------------------------------------------------------------------------
@@ -212,6 +215,7 @@ class EncoderDecoderConfig(_ConfigFile):
                 and self.decoder.cross_attention_hidden_size is None)
 
     def replace(self, **changes: Any) -> "EncoderDecoderConfig":
+        """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -224,6 +228,7 @@ class EncoderDecoderConfig(_ConfigFile):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EncoderDecoderConfig":
+        """Reads an HF ``encoder-decoder`` config dict; unknown keys are kept in ``extra``."""
         data = dict(data)
         if data.get("model_type") != cls.model_type:
             raise ConfigError(f"model_type {data.get('model_type')!r} is not 'encoder-decoder'")
@@ -237,6 +242,7 @@ class EncoderDecoderConfig(_ConfigFile):
         return cls(encoder=encoder, decoder=decoder, **kwargs, extra=data)
 
     def to_dict(self) -> dict:
+        """The HF ``config.json`` dict, with the fields read from it unchanged."""
         out = dict(self.extra)
         for f in dataclasses.fields(self):
             if f.name not in ("extra", "encoder", "decoder"):

@@ -40,6 +40,7 @@ class Entry:
 
     @property
     def layered(self) -> bool:
+        """Whether this entry is per layer (stacked on a leading layer axis)."""
         return LAYER in self.torch_key
 
 
@@ -51,6 +52,7 @@ class Report:
     initialised: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        """A readable summary: counts, then what was dropped (with why) and initialised."""
         lines = [f"mapped {len(self.mapped)} tensors"]
         if self.dropped:
             lines.append(f"dropped {len(self.dropped)}:")
@@ -247,6 +249,7 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """A nested dict as ``{path tuple: leaf}``."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):

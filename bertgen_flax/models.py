@@ -44,6 +44,7 @@ def resolve_dtype(dtype: Any) -> Any:
 
 
 def is_native_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a native bertgen checkpoint (it holds the marker file)."""
     return os.path.isfile(os.path.join(path, NATIVE_MARKER))
 
 
@@ -624,6 +625,7 @@ class EncoderDecoderModel(PretrainedModel):
                                 source_limit=enc.max_position_embeddings, mesh=mesh)
 
     def encode(self, input_ids: Any, attention_mask: Any = None) -> StackOutput:
+        """Encoder states of the source (``last_hidden_state`` [B, S, H])."""
         cfg = self.config.encoder
         ids = _ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
         return self._apply("encode", (ids, _mask(attention_mask, "attention_mask", ids.shape)), {}, {}, False,

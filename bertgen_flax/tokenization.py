@@ -62,9 +62,11 @@ class AddedToken:
         raise TokenizerError(f"{where}: expected a token string or an AddedToken object, found {value!r}")
 
     def to_json(self) -> dict:
+        """The token as tokenizer.json's ``added_tokens`` entry."""
         return {k: v for k, v in sorted(asdict(self).items())}
 
     def to_rust(self) -> Any:
+        """The token as a ``tokenizers.AddedToken``."""
         import tokenizers
         return tokenizers.AddedToken(self.content, single_word=self.single_word, lstrip=self.lstrip,
                                      rstrip=self.rstrip, normalized=self.normalized, special=self.special)
@@ -226,9 +228,11 @@ class PreTrainedTokenizer:
 
     @property
     def all_special_ids(self) -> list[int]:
+        """Ids of every special token the tokenizer has."""
         return [i for i in (self.token_to_id(t) for t in self.all_special_tokens) if i is not None]
 
     def convert_tokens_to_ids(self, tokens: Union[str, Sequence[str]]) -> Union[Optional[int], list[Optional[int]]]:
+        """Id of a token (or ids of a list of tokens); None for tokens outside the vocabulary."""
         if isinstance(tokens, str):
             return self.token_to_id(tokens)
         return [self.token_to_id(t) for t in tokens]
@@ -526,6 +530,7 @@ class BertGenerationTokenizer(PreTrainedTokenizer):
 
     @property
     def vocab_size(self) -> int:
+        """Size of the SentencePiece vocabulary."""
         return self._n_pieces
 
     def __len__(self) -> int:
@@ -533,6 +538,7 @@ class BertGenerationTokenizer(PreTrainedTokenizer):
         return self._n_pieces + sum(1 for c in self._added_ids if self._sp.id_to_piece(self._sp.piece_to_id(c)) != c)
 
     def token_to_id(self, token: str) -> Optional[int]:
+        """Id of a piece (the unknown id for pieces outside the vocabulary)."""
         if token in self._added_ids:
             return self._added_ids[token]
         return self._sp.piece_to_id(token)  # an unknown piece gives the model's unk id, as in transformers
@@ -570,6 +576,7 @@ class BertGenerationTokenizer(PreTrainedTokenizer):
         return [[piece for p, added in frags for piece in ([p] if added else next(encoded))] for frags in cut]
 
     def tokenize(self, text: str) -> list[str]:
+        """The SentencePiece pieces of ``text``."""
         return self._tokenize_batch([text])[0]
 
     def _encode_batch(self, texts: list[str], add_special_tokens: bool, max_length: Optional[int]) -> list[list[int]]:
@@ -582,6 +589,7 @@ class BertGenerationTokenizer(PreTrainedTokenizer):
         return rows
 
     def convert_ids_to_tokens(self, ids: Ids, skip_special_tokens: bool = False) -> list[str]:
+        """Pieces of ``ids`` (optionally without special tokens)."""
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         out = []
         for i in _id_list(ids):
@@ -697,6 +705,7 @@ class JsonTokenizer(_RustTokenizer):
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "_RustTokenizer":
+        """Loads ``tokenizer.json`` (and its config) from a directory, used as it is."""
         return load_tokenizer_json(directory)
 
 
@@ -905,6 +914,7 @@ class AutoTokenizer:
 
     @staticmethod
     def from_pretrained(directory: Union[str, os.PathLike]) -> PreTrainedTokenizer:
+        """The tokenizer of ``directory``, chosen as described in the class docstring."""
         directory = os.fspath(directory)
         settings = _read_settings(directory, read_tokenizer_json=False)  # checks the directory and the config
         model_config = _read_json_object(os.path.join(directory, "config.json"), "model config")

@@ -35,12 +35,15 @@ class Checkpointer:
         return self._manager.save(step, args=args, metrics=clean, force=force)
 
     def latest_step(self) -> Optional[int]:
+        """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
     def best_step(self) -> Optional[int]:
+        """The best checkpoint's step by ``best_metric`` (the latest without one), or None."""
         return self._manager.best_step() if self.best_metric else self.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Steps of every complete checkpoint kept."""
         return list(self._manager.all_steps())
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -53,8 +56,10 @@ class Checkpointer:
         return restored["state"], dict(restored["data"])
 
     def wait(self) -> None:
+        """Blocks until asynchronous saves are on disk."""
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()

@@ -81,6 +81,7 @@ class DataSection:
 
 @dataclass(frozen=True)
 class OptimSection:
+    """Optimizer, learning-rate schedule, clipping, accumulation and label smoothing."""
     name: str = "adamw"
     learning_rate: float = 5e-5  # peak rate (linear, constant), or the scale of the inverse_sqrt schedule
     schedule: str = "linear"
@@ -96,6 +97,7 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class RunSection:
+    """Output directory, length of the run, cadences of logging / evaluation / checkpoints, mesh and outputs."""
     output_dir: str = "out/train"
     steps: int = 1000  # optimizer updates
     seed: int = 0  # dropout rng
@@ -114,6 +116,7 @@ class RunSection:
 
 @dataclass(frozen=True)
 class EvalSection:
+    """Generation settings of the evaluation and the metric that picks the best checkpoint."""
     generate: bool = True  # generation metrics (exact match, BLEU, ROUGE) besides the loss
     max_examples: int = 0  # 0: the whole eval set
     num_beams: int = 1
@@ -140,6 +143,7 @@ SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A whole training run: the six sections, validated together."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -195,10 +199,12 @@ class TrainConfig:
         return TrainConfig.from_dict(data)
 
     def to_dict(self) -> dict:
+        """Plain nested dicts (lists for sequences), as a JSON config file holds them."""
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
 
     # ---- checks -----------------------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Raises ``TrainConfigError`` naming the first key that cannot work."""
         m, d, o, r, e, dist = self.model, self.data, self.optim, self.run, self.eval, self.distributed
         _choice("model.init", m.init, INIT_MODES)
         _choice("model.dtype", m.dtype, DTYPES)
@@ -276,10 +282,12 @@ class TrainConfig:
 
     @property
     def best_mode(self) -> str:
+        """``min`` for the eval loss, ``max`` for generation metrics, unless ``eval.best_mode`` says."""
         return self.eval.best_mode or ("min" if self.eval.best_metric == "eval_loss" else "max")
 
     @property
     def cache_dir(self) -> str:
+        """Where tokenized data is cached (``data.cache_dir`` or ``<output_dir>/cache``)."""
         return self.data.cache_dir or os.path.join(self.run.output_dir, "cache")
 
 

@@ -522,16 +522,20 @@ class TokenizedPairs:
 
     @property
     def source_lengths(self) -> np.ndarray:
+        """Token count of every source."""
         return np.diff(self.source_offsets)
 
     @property
     def target_lengths(self) -> np.ndarray:
+        """Token count of every target (EOS included)."""
         return np.diff(self.target_offsets)
 
     def source(self, i: int) -> np.ndarray:
+        """Source ids of example ``i``."""
         return self.source_ids[self.source_offsets[i]:self.source_offsets[i + 1]]
 
     def target(self, i: int) -> np.ndarray:
+        """Target ids of example ``i`` (ending with EOS)."""
         return self.target_ids[self.target_offsets[i]:self.target_offsets[i + 1]]
 
     # --- construction -------------------------------------------------------------------------------------------
@@ -751,6 +755,7 @@ class BatchIterator:
 
     @property
     def batches_per_epoch(self) -> int:
+        """Batches one epoch yields (the last partial one only without drop_remainder)."""
         full, rest = divmod(len(self.data), self.batch_size)
         return full + (1 if rest and not self.drop_remainder else 0)
 

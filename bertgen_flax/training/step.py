@@ -20,6 +20,7 @@ from . import sharding as shard_lib
 
 @struct.dataclass
 class TrainState:
+    """Everything a training step changes: step count, params, optimizer state and dropout rng."""
     step: jax.Array
     params: Any
     opt_state: Any
