@@ -3,6 +3,7 @@ from .config import BertGenerationConfig, ConfigError, EncoderDecoderConfig, loa
 from .checkpoints import CheckpointError
 from .convert import ConversionError, Report
 from .decoding import GenerationConfig
+from .generation import enable_compilation_cache
 from .models import BertGenerationDecoder, BertGenerationEncoder, EncoderDecoderModel
 from .pipeline import InputTooLongError, Text2TextGenerator
 from .tokenization import (AutoTokenizer, BertGenerationTokenizer, BertTokenizer, RobertaTokenizer,
@@ -12,6 +13,6 @@ __all__ = [
     "BertGenerationConfig", "EncoderDecoderConfig", "load_config", "ConfigError", "CheckpointError",
     "ConversionError", "Report", "BertGenerationEncoder", "BertGenerationDecoder", "EncoderDecoderModel",
     "AutoTokenizer", "BertGenerationTokenizer", "BertTokenizer", "RobertaTokenizer", "TokenizerError",
-    "GenerationConfig", "Text2TextGenerator", "InputTooLongError",
+    "GenerationConfig", "Text2TextGenerator", "InputTooLongError", "enable_compilation_cache",
 ]
 __version__ = "0.1.0"

@@ -1,12 +1,14 @@
 """Glue between the linen modules and ``decoding``: step functions, cache handling, buckets and compiled programs.
 
-One compiled program per (batch bucket, source-length bucket, search spec): the encoder runs once, cross-attention
-keys/values are computed once per source (shared by its beams or samples: the decoder folds the copies into the
-query axis), the self-attention cache is preallocated, and the whole search runs inside that program.
+One compiled program per (batch bucket, source-length bucket, search spec): the encoder runs once (in chunks of
+about ``ENCODER_CHUNK_TOKENS`` tokens), cross-attention keys/values are computed once per source (shared by its
+beams or samples: the decoder folds the copies into the query axis), the self-attention cache is preallocated, the
+decoder runs with its layers unrolled, and the whole search runs inside that program.
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -33,6 +35,24 @@ def bucket(n: int, limit: Optional[int] = None, minimum: int = 1) -> int:
     return min(out, limit) if limit is not None and n <= limit else out
 
 
+def enable_compilation_cache(path: Optional[str] = None, min_compile_time_s: float = 0.0) -> str:
+    """Keeps compiled programs on disk in ``path`` (JAX's persistent compilation cache), so a later process
+    loads each generate program instead of compiling it again.
+
+    ``path`` defaults to ``~/.cache/bertgen_flax/xla``. Programs that took at least ``min_compile_time_s`` to
+    compile are written (0: all of them). This sets process-wide JAX options (``jax_compilation_cache_dir`` and
+    the thresholds), which is why importing the package does not call it; setting ``JAX_COMPILATION_CACHE_DIR``
+    in the environment before starting Python has much the same effect (with JAX's 1 s threshold). Returns the
+    path.
+    """
+    path = path or os.path.join(os.path.expanduser("~"), ".cache", "bertgen_flax", "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
 def reorder_cache(cache: Any, rows: jax.Array) -> Any:
     """Beam reordering: self-attention K/V rows follow their parents; cross K/V and indices stay."""
     def fix(path, leaf):
@@ -48,37 +68,81 @@ def _expand(spec: SearchSpec) -> int:
     return spec.num_beams if spec.num_beams > 1 else spec.num_return_sequences
 
 
+def _unrolled(module: Any, params: Any) -> tuple[Any, Any]:
+    """The module with its layers unrolled, and the params to match (inside a program: static slices, once).
+
+    Decode steps run the unrolled form. Under ``nn.scan`` every step would copy each layer's weights out of the
+    stacked params (a dynamic slice per weight, per layer, per step) and write the whole stacked self-attention
+    cache back as the scan's output. Unrolled, the weights are sliced once per program call and each step
+    updates only the new cache column, in place.
+    """
+    if not getattr(module, "scan_layers", False):
+        return module, params
+    from .convert import unstack_layers
+    return module.clone(scan_layers=False), unstack_layers(params)
+
+
+ENCODER_CHUNK_TOKENS = 1024
+
+
+def encoder_rows(batch: int, src_len: int, tokens: int = ENCODER_CHUNK_TOKENS) -> int:
+    """Sequences per encoder chunk: the largest divisor of ``batch`` whose chunk holds at most ``tokens`` tokens.
+
+    One encoder pass over 8,192 tokens (batch 128 x 64) streams [8192, 1024] feed-forward activations (34 MB)
+    through memory; chunks of about 1,024 tokens keep them in the caches, which made the encoder ~13% faster at
+    batch 128 on a 2-core CPU. Rows are independent, so chunking does not change any result.
+    """
+    rows = max(1, min(batch, tokens // max(src_len, 1)))
+    while batch % rows:
+        rows -= 1
+    return rows
+
+
 @functools.lru_cache(maxsize=64)
-def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int) -> Callable:
+def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, scores: bool, rows: int) -> Callable:
+    """The whole generate call for one bucket: ``rows`` sequences per encoder chunk, sequence scores or not."""
     from .modeling import EncoderDecoderModule, empty_cache
     copies = _expand(spec)
 
     def program(params, src, src_mask, prompt, rng):
         TRACE_COUNTS["seq2seq"] += 1
-        enc = module.apply({"params": params}, src, src_mask, method=EncoderDecoderModule.encode).last_hidden_state
+
+        def encode(chunk):  # the encoder runs once, as stored (scanned layers compile faster)
+            ids, mask = chunk
+            return module.apply({"params": params}, ids, mask, method=EncoderDecoderModule.encode).last_hidden_state
+
+        if rows < batch:  # in chunks of `rows` sequences, one after the other
+            chunks = batch // rows
+            enc = jax.lax.map(encode, (src.reshape(chunks, rows, -1), src_mask.reshape(chunks, rows, -1)))
+            enc = enc.reshape(batch, *enc.shape[2:])
+        else:
+            enc = encode((src, src_mask))
+        unrolled, dec_params = _unrolled(module, params)  # the decoder runs unrolled
         n = batch * copies
-        cache = empty_cache(module, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
+        cache = empty_cache(unrolled, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
 
         def run(cache, tokens, states):
-            out, variables = module.apply({"params": params, "cache": cache}, tokens, states, src_mask, decode=True,
-                                          method=EncoderDecoderModule.decode, mutable=["cache"])
+            out, variables = unrolled.apply({"params": dec_params, "cache": cache}, tokens, states, src_mask,
+                                            decode=True, method=EncoderDecoderModule.decode, mutable=["cache"])
             return out.logits[:, -1].astype(jnp.float32), variables["cache"]
 
         prefill = lambda cache, tokens: run(cache, tokens, enc)
         step = lambda cache, tokens: run(cache, tokens, None)
         return decoding.generate(spec, prefill, step, reorder_cache, cache,
-                                 jnp.repeat(prompt, copies, axis=0), rng)
+                                 jnp.repeat(prompt, copies, axis=0), rng, scores=scores)
 
     return jax.jit(program)
 
 
 @functools.lru_cache(maxsize=64)
-def _causal_program(module: Any, spec: SearchSpec, batch: int) -> Callable:
+def _causal_program(module: Any, spec: SearchSpec, batch: int, scores: bool) -> Callable:
     from .modeling import empty_cache
     copies = _expand(spec)
+    scanned = module
 
     def program(params, prompt, prompt_mask, rng):
         TRACE_COUNTS["causal"] += 1
+        module, params = _unrolled(scanned, params)
         n = batch * copies
         prompt = jnp.repeat(prompt, copies, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, copies, axis=0)
@@ -101,7 +165,8 @@ def _causal_program(module: Any, spec: SearchSpec, batch: int) -> Callable:
 
         prefill = lambda cache, tokens: run(cache, tokens, prompt_positions)
         ignore = jnp.argmax(prompt_mask != 0, axis=1)  # repetition penalty skips left padding, as transformers
-        return decoding.generate(spec, prefill, step, reorder_cache, cache, prompt, rng, ignore_before=ignore)
+        return decoding.generate(spec, prefill, step, reorder_cache, cache, prompt, rng, ignore_before=ignore,
+                                 scores=scores)
 
     return jax.jit(program)
 
@@ -211,7 +276,7 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
     src = _pad_cols(_pad_rows(input_ids, bb, pad), sb, pad)
     src_mask = _pad_cols(_pad_rows(mask, bb, 1), sb, 0)
     prompt = _pad_rows(prompt, bb, prompt[0, 0] if prompt.size else 0)
-    program = _seq2seq_program(module, spec, bb, sb)
+    program = _seq2seq_program(module, spec, bb, sb, return_scores, encoder_rows(bb, sb) if mesh is None else bb)
     src, src_mask, prompt = _shard_batch(mesh, src, src_mask, prompt)
     sequences, scores, lengths = program(params, src, src_mask, prompt, _rng(seed, rng))
     return _finish(spec, sequences, scores, lengths, b, return_scores)
@@ -235,7 +300,7 @@ def causal_generate(module: Any, params: Any, input_ids: np.ndarray, attention_m
     bb = _batch_bucket(b, mesh)
     prompt = _pad_rows(input_ids, bb, spec.pad_token_id)
     prompt_mask = _pad_rows(mask, bb, 1)
-    program = _causal_program(module, spec, bb)
+    program = _causal_program(module, spec, bb, return_scores)
     prompt, prompt_mask = _shard_batch(mesh, prompt, prompt_mask)
     sequences, scores, lengths = program(params, prompt, prompt_mask, _rng(seed, rng))
     return _finish(spec, sequences, scores, lengths, b, return_scores)

@@ -299,3 +299,60 @@ def test_decoder_only_generation_rejects_right_padded_prompts(decoder):
     _, ours = decoder
     with pytest.raises(ValueError, match="left-padded"):
         ours.generate(np.array([[5, 6, 0]]), np.array([[1, 1, 0]]))
+
+
+def test_greedy_scores_sum_the_log_probs_of_the_chosen_tokens(seq2seq):
+    ref, ours = seq2seq
+    ids, mask = _source()
+    with torch.no_grad():
+        want = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=10,
+                            output_scores=True, return_dict_in_generate=True)
+    seqs, scores = ours.generate(ids, mask, max_new_tokens=10, return_scores=True)
+    _assert_same(want.sequences.numpy(), seqs)
+    # without scores the program skips the per-step log-softmax; the tokens must not change
+    _assert_same(want.sequences.numpy(), ours.generate(ids, mask, max_new_tokens=10))
+    chosen = want.sequences[:, 1:]
+    logp = torch.log_softmax(torch.stack(want.scores, dim=1), dim=-1).gather(-1, chosen[..., None])[..., 0]
+    ended = torch.cumsum((chosen == EOS).int(), dim=1)
+    running = (ended == 0) | ((ended == 1) & (chosen == EOS))  # up to and including the first EOS
+    expected = torch.where(running, logp, 0.0).sum(dim=1).numpy()
+    assert np.abs(np.asarray(scores) - expected).max() <= 1e-4
+
+
+def test_first_argmax_picks_what_argmax_picks():
+    import jax.numpy as jnp
+    from bertgen_flax.decoding import first_argmax
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((6, 50)), rng.integers(0, 3, (40, 7)).astype(float),  # many ties
+            np.full((2, 5), -np.inf), np.array([[1.0, np.nan, 3.0, np.nan], [-np.inf, 2.0, 2.0, -np.inf]])]
+    for x in rows:
+        x = jnp.asarray(x, jnp.float32)
+        assert (np.asarray(first_argmax(x)) == np.asarray(jnp.argmax(x, axis=-1))).all(), x
+
+
+CACHE_SCRIPT = r"""
+import json, os, sys
+import numpy as np
+import bertgen_flax as bg
+path = bg.enable_compilation_cache(sys.argv[2])
+model = bg.EncoderDecoderModel.from_pretrained(sys.argv[1])
+out = np.asarray(model.generate(np.array([[5, 6, 7, 8]]), max_new_tokens=5))
+print("RESULT " + json.dumps(dict(files=sorted(os.listdir(path)), out=out.tolist())))
+"""
+
+
+def test_the_compilation_cache_is_written_and_reused_by_a_second_process(seq2seq, tmp_path):
+    import json
+    import subprocess
+    import sys
+    _, ours = seq2seq
+    ours.save_pretrained(str(tmp_path / "m"))
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(tmp_path / "m"), str(tmp_path / "xla")],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
+    first, second = runs
+    assert first["files"] and second["files"] == first["files"]  # the second process compiled nothing new
+    assert first["out"] == second["out"]

@@ -1,0 +1,386 @@
+"""Three engines, one process each: bertgen_flax, transformers (PyTorch) and CTranslate2 on the same bert2bert.
+
+The parent builds the random bert2bert of ``bench_generate.py``'s small preset (same seed, same weights, same
+ragged inputs), saves it for transformers and bertgen_flax, converts it to CTranslate2 (float32 weights; the int8
+row quantises them when the model loads), and then starts one fresh Python process per (engine, case). A worker
+imports only its own engine (torch and CTranslate2 each bundle an OpenMP runtime and slow each other down in one
+process), loads the model, makes the first call (for us: tracing and compiling), ``--warmup - 1`` more untimed
+calls and ``--runs`` timed calls, and reports the median, the first call, its peak resident memory and how much
+CPU other processes used meanwhile.
+
+    ms/step     = median call / new tokens              (encoder pass included, as in bench_generate.py)
+    first s     = the first call in a fresh process     (ours: tracing + compiling, unless the cache has it)
+    peak MB     = peak resident memory of the worker (VmHWM: model, inputs, runtime and the calls together);
+                  in brackets the peak after loading the model, before the first call
+    ours/CT2    = our ms/step / CTranslate2 float32 ms/step  (below 1: we are faster)
+    ours/tf     = our ms/step / transformers' ms/step        (below 1: we are faster)
+
+Identity: transformers' tokens are the reference. Ours must equal them in every case (exit status 1 otherwise).
+CTranslate2 float32 must equal them in the greedy cases (exit status 1 otherwise). With beams and a forced length
+CTranslate2 applies the min-length EOS mask before its log-softmax and transformers after it, so beam outputs may
+legitimately differ; int8 outputs differ by design. Both are reported, not enforced.
+
+The optional engine ``ours-unrolled`` loads our model with ``scan_layers=False`` (layers stored unrolled), so the
+generate program does not slice the stacked layers on each call.
+
+With ``--compilation-cache DIR`` two more processes per case run ours against JAX's persistent compilation
+cache in DIR (emptied first): the first fills it, the second starts with it filled, which is what a user's second
+run sees.
+
+    .venv/bin/python bench/bench_ct2.py                                   # all engines, all cases
+    .venv/bin/python bench/bench_ct2.py --cases b1,b32 --engines ours,ct2-float32 --runs 9
+    .venv/bin/python bench/bench_ct2.py --engines ours --compilation-cache /tmp/bertgen_xla_cache
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+ENGINES = ("ours", "transformers", "ct2-float32", "ct2-int8")
+OPTIONAL_ENGINES = ("ours-unrolled",)  # ours loaded with scan_layers=False: no per-call slicing of stacked layers
+CASES = {"b1": (1, 1), "b32": (32, 1), "b128": (128, 1), "b32-beam4": (32, 4)}  # key: (batch, beams)
+NOISY_CORES = 0.2
+
+
+def vocabulary(size: int) -> list[str]:
+    """CTranslate2 speaks tokens, not ids: token i is "t<i>", with the special ids kept apart for readability."""
+    names = {0: "<pad>", 1: "</s>", 2: "<s>", 3: "<unk>"}
+    return [names.get(i, f"t{i}") for i in range(size)]
+
+
+# ---- CPU accounting (the worker's view of the machine while it times) ------------------------------------------
+def _machine_busy_s() -> Optional[float]:
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so a
+    worker would report its (larger) parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---- the worker: one engine, one case, one fresh process ---------------------------------------------------------
+def _ours(job: dict[str, Any], ids: np.ndarray, mask: np.ndarray):
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_default_matmul_precision", "highest")  # as bench_generate.py; a no-op on the CPU
+    import bertgen_flax
+    if job.get("compilation_cache"):
+        bertgen_flax.enable_compilation_cache(job["compilation_cache"])
+    model = bertgen_flax.EncoderDecoderModel.from_pretrained(job["hf_dir"],
+                                                             scan_layers=job["engine"] != "ours-unrolled")
+    kwargs = job["kwargs"]
+
+    def call() -> np.ndarray:
+        return np.asarray(jax.block_until_ready(model.generate(ids, mask, **kwargs)))
+    return call, dict(jax=jax.__version__)
+
+
+def _transformers(job: dict[str, Any], ids: np.ndarray, mask: np.ndarray):
+    import torch
+    import transformers
+    torch.set_num_threads(job["threads"])
+    transformers.logging.set_verbosity_error()
+    model = transformers.EncoderDecoderModel.from_pretrained(job["hf_dir"]).eval()
+    t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    kwargs = job["kwargs"]
+
+    def call() -> np.ndarray:
+        with torch.no_grad():
+            return model.generate(input_ids=t_ids, attention_mask=t_mask, **kwargs).numpy()
+    return call, dict(torch=torch.__version__, transformers=transformers.__version__,
+                      attention=model.config.decoder._attn_implementation)
+
+
+def _ctranslate2(job: dict[str, Any], ids: np.ndarray, mask: np.ndarray):
+    import ctranslate2
+    compute_type = job["engine"].split("-", 1)[1]
+    translator = ctranslate2.Translator(job["ct2_dir"], device="cpu", compute_type=compute_type, inter_threads=1,
+                                        intra_threads=job["threads"])
+    names = vocabulary(job["vocab"])
+    index = {name: i for i, name in enumerate(names)}
+    sources = [[names[t] for t in row[:n]] for row, n in zip(ids.tolist(), mask.sum(axis=1).tolist())]
+    new, beams, start = job["new_tokens"], job["beams"], job["start_id"]
+
+    def call() -> np.ndarray:
+        results = translator.translate_batch(sources, beam_size=beams, max_decoding_length=new,
+                                             min_decoding_length=new, length_penalty=1.0, max_input_length=0)
+        # transformers' layout: the start token, then the new tokens
+        return np.array([[start] + [index[t] for t in r.hypotheses[0]] for r in results], np.int64)
+    return call, dict(ctranslate2=ctranslate2.__version__)
+
+
+def worker(job_path: str, out_path: str) -> None:
+    with open(job_path, encoding="utf-8") as f:
+        job = json.load(f)
+    inputs = np.load(job["inputs"])
+    ids, mask = inputs["ids"], inputs["mask"]
+    t0 = time.perf_counter()
+    make = {"ours": _ours, "ours-unrolled": _ours, "transformers": _transformers}.get(job["engine"], _ctranslate2)
+    call, versions = make(job, ids, mask)
+    load_s = time.perf_counter() - t0
+    rss_loaded = _peak_rss_mb()
+
+    start = time.perf_counter()
+    out = call()
+    first_s = time.perf_counter() - start
+    for _ in range(job["warmup"] - 1):
+        call()
+    runs = []
+    busy0, own0, wall0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    for _ in range(job["runs"]):
+        start = time.perf_counter()
+        out = call()
+        runs.append(time.perf_counter() - start)
+    wall = time.perf_counter() - wall0
+    busy1, own1 = _machine_busy_s(), time.process_time()
+    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+    result = dict(engine=job["engine"], case=job["case"], load_s=load_s, first_s=first_s, runs_s=runs,
+                  median_s=statistics.median(runs), other_cores=others, peak_rss_mb=_peak_rss_mb(),
+                  rss_after_load_mb=rss_loaded, versions=versions, tokens=out.tolist())
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
+# ---- the parent ------------------------------------------------------------------------------------------------
+def convert_to_ct2(model: Any, out_dir: str) -> None:
+    """Maps a transformers bert2bert (BertGeneration encoder and decoder) onto CTranslate2's Transformer spec.
+
+    BertGeneration is a post-LayerNorm BERT: LayerNorm(word + position) embeddings without scaling or token
+    types, exact (erf) GELU, eps from the config, a tied LM head with its own bias.
+    """
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    weights = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    enc_cfg, dec_cfg = model.config.encoder, model.config.decoder
+    if enc_cfg.hidden_act != "gelu" or dec_cfg.hidden_act != "gelu":
+        raise SystemExit("only the exact GELU maps onto CTranslate2's Activation.GELU")
+
+    def linear(spec: Any, *names: str) -> None:  # several names: one fused projection, rows stacked
+        spec.weight = np.concatenate([weights[n + ".weight"] for n in names])
+        spec.bias = np.concatenate([weights[n + ".bias"] for n in names])
+
+    def norm(spec: Any, name: str) -> None:
+        spec.gamma, spec.beta = weights[name + ".weight"], weights[name + ".bias"]
+
+    def embeddings(spec: Any, prefix: str) -> None:
+        table = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
+        table.weight = weights[prefix + "word_embeddings.weight"]
+        spec.position_encodings.encodings = weights[prefix + "position_embeddings.weight"]
+        spec.scale_embeddings = False
+        norm(spec.layernorm_embedding, prefix + "LayerNorm")
+
+    spec = transformer_spec.TransformerSpec.from_config(
+        (enc_cfg.num_hidden_layers, dec_cfg.num_hidden_layers), enc_cfg.num_attention_heads, pre_norm=False,
+        activation=common_spec.Activation.GELU, layernorm_embedding=True)
+    embeddings(spec.encoder, "encoder.embeddings.")
+    for i, layer in enumerate(spec.encoder.layer):
+        p = f"encoder.encoder.layer.{i}."
+        linear(layer.self_attention.linear[0], p + "attention.self.query", p + "attention.self.key",
+               p + "attention.self.value")
+        linear(layer.self_attention.linear[1], p + "attention.output.dense")
+        norm(layer.self_attention.layer_norm, p + "attention.output.LayerNorm")
+        linear(layer.ffn.linear_0, p + "intermediate.dense")
+        linear(layer.ffn.linear_1, p + "output.dense")
+        norm(layer.ffn.layer_norm, p + "output.LayerNorm")
+    embeddings(spec.decoder, "decoder.bert.embeddings.")
+    for i, layer in enumerate(spec.decoder.layer):
+        p = f"decoder.bert.encoder.layer.{i}."
+        linear(layer.self_attention.linear[0], p + "attention.self.query", p + "attention.self.key",
+               p + "attention.self.value")
+        linear(layer.self_attention.linear[1], p + "attention.output.dense")
+        norm(layer.self_attention.layer_norm, p + "attention.output.LayerNorm")
+        linear(layer.attention.linear[0], p + "crossattention.self.query")        # from the decoder state
+        linear(layer.attention.linear[1], p + "crossattention.self.key", p + "crossattention.self.value")
+        linear(layer.attention.linear[2], p + "crossattention.output.dense")
+        norm(layer.attention.layer_norm, p + "crossattention.output.LayerNorm")
+        linear(layer.ffn.linear_0, p + "intermediate.dense")
+        linear(layer.ffn.linear_1, p + "output.dense")
+        norm(layer.ffn.layer_norm, p + "output.LayerNorm")
+    linear(spec.decoder.projection, "decoder.lm_head.decoder")
+
+    cfg = spec.config
+    cfg.layer_norm_epsilon = float(enc_cfg.layer_norm_eps)  # CTranslate2 would assume 1e-5
+    cfg.bos_token, cfg.eos_token, cfg.unk_token, cfg.decoder_start_token = "<s>", "</s>", "<unk>", "<s>"
+    cfg.add_source_bos = cfg.add_source_eos = False
+    names = vocabulary(enc_cfg.vocab_size)
+    spec.register_source_vocabulary(names)
+    spec.register_target_vocabulary(names)
+    spec.validate()
+    spec.optimize(quantization=None)  # float32 on disk; int8 is chosen with compute_type at load time
+    os.makedirs(out_dir, exist_ok=True)
+    spec.save(out_dir)
+
+
+def run_worker(job: dict[str, Any], workdir: str, tag: str) -> dict[str, Any]:
+    job_path, out_path = os.path.join(workdir, tag + ".job.json"), os.path.join(workdir, tag + ".out.json")
+    with open(job_path, "w", encoding="utf-8") as f:
+        json.dump(job, f)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")  # numpy's BLAS pool is idle here; keep it from spinning
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", job_path, out_path], check=True, env=env)
+    with open(out_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def same_rows(want: list, got: list) -> str:
+    a, b = np.asarray(want), np.asarray(got)
+    if a.shape != b.shape:
+        return f"shape {b.shape} vs {a.shape}"
+    return f"{int((a == b).all(axis=1).sum())}/{a.shape[0]}"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help=f"subset of {', '.join(CASES)}")
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help=f"from {', '.join(ENGINES + OPTIONAL_ENGINES)} (default: the first four)")
+    p.add_argument("--runs", type=int, default=5, help="timed calls per process (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls, the first included (>= 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch and CTranslate2 threads (XLA: the affinity mask)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compilation-cache", metavar="DIR",
+                   help="also time our first call in two fresh processes sharing JAX's compilation cache in DIR")
+    p.add_argument("--json", metavar="PATH", help="also write every number as JSON")
+    p.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.case_keys = [c for c in args.cases.split(",") if c]
+    args.engine_keys = [e for e in args.engines.split(",") if e]
+    if any(c not in CASES for c in args.case_keys) or any(e not in ENGINES + OPTIONAL_ENGINES
+                                                           for e in args.engine_keys):
+        p.error(f"--cases from {', '.join(CASES)}; --engines from {', '.join(ENGINES + OPTIONAL_ENGINES)}")
+    if args.runs < 1 or args.warmup < 1:
+        p.error("--runs and --warmup must be >= 1")
+    return args
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(*args.worker)
+        return 0
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_generate as bg  # the small preset, its model builder and its inputs
+
+    shape = bg.PRESETS["small"]
+    print(f"{datetime.date.today()}  {_cpu_name()}, {os.cpu_count()} cores, threads {args.threads}; "
+          f"load average {os.getloadavg()}", flush=True)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench_ct2_") as work:
+        model = bg.build_reference(shape, args.seed)
+        hf_dir, ct2_dir = os.path.join(work, "hf"), os.path.join(work, "ct2")
+        model.save_pretrained(hf_dir)
+        if any(e.startswith("ct2") for e in args.engine_keys):
+            convert_to_ct2(model, ct2_dir)
+        params = sum(p.numel() for p in model.parameters())
+        del model
+        print(f"small preset: {params:,} parameters, source {shape.source} ragged, {shape.new_tokens} new tokens "
+              f"forced, float32", flush=True)
+        for case in args.case_keys:
+            batch, beams = CASES[case]
+            ids, mask = bg.make_inputs(batch, shape.source, shape.vocab, args.seed)
+            inputs = os.path.join(work, f"{case}.npz")
+            np.savez(inputs, ids=ids, mask=mask)
+            job = dict(case=case, inputs=inputs, hf_dir=hf_dir, ct2_dir=ct2_dir, threads=args.threads,
+                       runs=args.runs, warmup=args.warmup, vocab=shape.vocab, new_tokens=shape.new_tokens,
+                       beams=beams, start_id=bg.DECODER_START, kwargs=bg.generate_kwargs(shape, beams))
+            runs = [(engine, dict(job, engine=engine)) for engine in args.engine_keys]
+            if args.compilation_cache and "ours" in args.engine_keys:
+                shutil.rmtree(args.compilation_cache, ignore_errors=True)
+                cached = dict(job, engine="ours", compilation_cache=args.compilation_cache)
+                runs += [("ours, cache empty", cached), ("ours, cache filled", cached)]
+            for label, j in runs:
+                r = run_worker(j, work, f"{case}_{len(results)}")
+                r["label"], r["batch"], r["beams"] = label, batch, beams
+                results.append(r)
+                others = "" if r["other_cores"] is None else f", other processes {r['other_cores']:.2f} cores"
+                print(f"  {case:10s} {label:20s} {1000 * r['median_s'] / shape.new_tokens:8.2f} ms/step  first "
+                      f"{r['first_s']:6.2f} s  peak {r['peak_rss_mb']:7.0f} MB  runs "
+                      f"[{', '.join(f'{t:.3f}' for t in r['runs_s'])}]{others}", flush=True)
+    return report(args, shape, results)
+
+
+def report(args: argparse.Namespace, shape: Any, results: list[dict[str, Any]]) -> int:
+    n = shape.new_tokens
+    failed = []
+    lines = ["| case | engine | ms/step | tok/s | first call s | peak RSS MB (after load) "
+             "| same tokens as transformers | ours/CT2 f32 | ours/transformers |", "|" + "---|" * 9]
+    for case in args.case_keys:
+        rows = {r["label"]: r for r in results if r["case"] == case}
+        ref = rows.get("transformers")
+        ms = {k: 1000 * r["median_s"] / n for k, r in rows.items()}
+        for label, r in rows.items():
+            same = "-"
+            if ref is not None and label != "transformers":
+                same = same_rows(ref["tokens"], r["tokens"])
+                exact = same == f"{len(ref['tokens'])}/{len(ref['tokens'])}"
+                enforced = label.startswith("ours") or (label == "ct2-float32" and r["beams"] == 1)
+                if enforced and not exact:
+                    failed.append(f"{case} {label}: {same}")
+            ratio_ct2 = ratio_tf = "-"
+            if label in ("ours", "ours-unrolled"):
+                if "ct2-float32" in ms:
+                    ratio_ct2 = f"{ms[label] / ms['ct2-float32']:.2f}"
+                if "transformers" in ms:
+                    ratio_tf = f"{ms[label] / ms['transformers']:.2f}"
+            lines.append(f"| {case} | {label} | {ms[label]:.2f} | {r['batch'] * n / r['median_s']:,.0f} | "
+                         f"{r['first_s']:.2f} | {r['peak_rss_mb']:.0f} ({r['rss_after_load_mb']:.0f}) | {same} | "
+                         f"{ratio_ct2} | {ratio_tf} |")
+    print()
+    print("\n".join(lines))
+    busiest = max((r["other_cores"] or 0.0 for r in results), default=0.0)
+    print(f"\nother processes used at most {busiest:.2f} cores during the timed calls; load average "
+          f"{os.getloadavg()}")
+    if busiest > NOISY_CORES:
+        print("WARNING: the machine was busy; these timings are unreliable", file=sys.stderr)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        slim = [{k: v for k, v in r.items() if k != "tokens"} for r in results]
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                           cpu=_cpu_name(), command=" ".join(sys.argv), threads=args.threads,
+                           shape=shape.__dict__, results=slim), f, indent=2)
+    if failed:
+        print("FAIL: tokens differ from transformers: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
