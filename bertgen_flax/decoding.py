@@ -65,6 +65,7 @@ class GenerationConfig:
         return cls(**kwargs)
 
     def merged(self, **overrides: Any) -> "GenerationConfig":
+        """A copy with the given knobs changed; an unknown knob is a TypeError."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown generation options: {', '.join(sorted(unknown))}")
@@ -72,10 +73,12 @@ class GenerationConfig:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
+        """The end-of-sequence ids as a tuple (empty when none is set)."""
         e = self.eos_token_id
         return () if e is None else (e,) if isinstance(e, int) else tuple(e)
 
     def validate(self) -> None:
+        """Raises ValueError for settings transformers would reject."""
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_return_sequences < 1:

@@ -82,6 +82,7 @@ class StackOutput:
 
 @struct.dataclass
 class LMOutput:
+    """Logits (and loss, cache, hidden states, attentions when asked) of an LM head."""
     logits: Array                                 # [B, T, V]
     loss: Optional[Array] = None
     past_key_values: Optional[Any] = None         # the 'cache' collection after this call (decode mode)
@@ -93,6 +94,7 @@ class LMOutput:
 
 @struct.dataclass
 class Seq2SeqOutput:
+    """Decoder logits and loss plus the encoder's outputs, as transformers' Seq2SeqLMOutput."""
     logits: Array                                 # [B, T, V]
     loss: Optional[Array] = None
     encoder_last_hidden_state: Optional[Array] = None
@@ -121,6 +123,7 @@ class Embeddings(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        """Word and position tables, LayerNorm and dropout (PyTorch names)."""
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
         self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
@@ -150,6 +153,7 @@ class AttentionProjections(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        """The query, key and value projections."""
         cfg = self.config
         self.query = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "query")
         self.key = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "key")
@@ -160,9 +164,11 @@ class AttentionProjections(nn.Module):
                                                dtype=self.dtype, param_dtype=self.param_dtype)
 
     def split_heads(self, x: Array) -> Array:
+        """[B, T, H] -> [B, T, heads, head_dim]."""
         return x.reshape(x.shape[:2] + (self.config.num_attention_heads, self.config.head_dim))  # [B, T, N, D]
 
     def queries(self, x: Array) -> Array:
+        """Projected queries, split into heads."""
         return self.split_heads(self.query(x))
 
     def keys_values(self, x: Array) -> tuple[Array, Array]:
@@ -206,6 +212,7 @@ class Attention(nn.Module):
 
     @property
     def relative(self) -> bool:
+        """Whether positions enter the scores as relative embeddings (4.57's relative_key(_query))."""
         return not self.cross and self.config.position_embedding_type != "absolute"
 
     @nn.compact
@@ -297,6 +304,7 @@ class Attention(nn.Module):
 
 
 class Intermediate(nn.Module):
+    """The feed-forward expansion: dense to intermediate_size, then the activation."""
     config: BertGenerationConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -384,9 +392,11 @@ class BertGenerationModule(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        """Embeddings and the layer stack."""
         self.embeddings = Embeddings(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def word_embedding_matrix(self) -> Array:
+        """The word-embedding table [V, H], which a tied LM head reuses."""
         return self.embeddings.word_embeddings.embedding                     # [V, H]
 
     @nn.compact
@@ -488,6 +498,7 @@ class BertGenerationDecoderModule(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        """The stack (named ``bert``, as in PyTorch) and the LM head."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.bert = BertGenerationModule(self.config, scan_layers=self.scan_layers, **kw)
         self.lm_head = LMHead(self.config, **kw)
@@ -522,6 +533,7 @@ class EncoderDecoderModule(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
+        """Encoder (absent when tied), optional enc_to_dec_proj, and the decoder."""
         cfg, kw = self.config, dict(scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
         self.decoder = BertGenerationDecoderModule(cfg.decoder, **kw)
         if not cfg.tie_encoder_decoder:
@@ -534,6 +546,7 @@ class EncoderDecoderModule(nn.Module):
                position_ids: Optional[Array] = None, head_mask: Optional[Array] = None,
                inputs_embeds: Optional[Array] = None, *, deterministic: bool = True,
                output_attentions: bool = False, output_hidden_states: bool = False) -> StackOutput:
+        """Encoder states of the source [B, S, H] (the decoder's stack runs them when tied)."""
         encoder = self.decoder.bert if self.config.tie_encoder_decoder else self.encoder
         return encoder(input_ids, attention_mask, position_ids, head_mask, inputs_embeds, causal=False,
                        deterministic=deterministic, output_attentions=output_attentions,
