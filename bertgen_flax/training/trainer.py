@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -315,7 +316,6 @@ def train(config: TrainConfig, *, progress: Optional[bool] = None) -> TrainResul
     os.makedirs(out, exist_ok=True)
     if lead:
         with atomic_file(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-            import json
             json.dump(config.to_dict(), f, indent=2)
 
     # data and model
