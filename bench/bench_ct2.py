@@ -37,8 +37,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -49,39 +47,21 @@ from typing import Any, Optional
 
 import numpy as np
 
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if _BENCH_DIR not in sys.path:  # `bertgen bench` runs this file with runpy, which does not add its folder
+    sys.path.insert(0, _BENCH_DIR)
+import _machine  # noqa: E402  (bench/: machine helpers shared by the benchmark scripts)
+
 ENGINES = ("ours", "transformers", "ct2-float32", "ct2-int8")
 OPTIONAL_ENGINES = ("ours-unrolled",)  # ours loaded with scan_layers=False: no per-call slicing of stacked layers
 CASES = {"b1": (1, 1), "b32": (32, 1), "b128": (128, 1), "b32-beam4": (32, 4)}  # key: (batch, beams)
-NOISY_CORES = 0.2
+NOISY_CORES = _machine.NOISY_CORES
 
 
 def vocabulary(size: int) -> list[str]:
     """CTranslate2 speaks tokens, not ids: token i is "t<i>", with the special ids kept apart for readability."""
     names = {0: "<pad>", 1: "</s>", 2: "<s>", 3: "<unk>"}
     return [names.get(i, f"t{i}") for i in range(size)]
-
-
-# ---- CPU accounting (the worker's view of the machine while it times) ------------------------------------------
-def _machine_busy_s() -> Optional[float]:
-    try:
-        with open("/proc/stat", encoding="utf-8") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so a
-    worker would report its (larger) parent's peak."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except (OSError, ValueError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ---- the worker: one engine, one case, one fresh process ---------------------------------------------------------
@@ -144,7 +124,7 @@ def worker(job_path: str, out_path: str) -> None:
     make = {"ours": _ours, "ours-unrolled": _ours, "transformers": _transformers}.get(job["engine"], _ctranslate2)
     call, versions = make(job, ids, mask)
     load_s = time.perf_counter() - t0
-    rss_loaded = _peak_rss_mb()
+    rss_loaded = _machine.peak_rss_mb()
 
     start = time.perf_counter()
     out = call()
@@ -152,16 +132,14 @@ def worker(job_path: str, out_path: str) -> None:
     for _ in range(job["warmup"] - 1):
         call()
     runs = []
-    busy0, own0, wall0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+    before, wall0 = _machine.machine_cpu_seconds(), time.perf_counter()
     for _ in range(job["runs"]):
         start = time.perf_counter()
         out = call()
         runs.append(time.perf_counter() - start)
-    wall = time.perf_counter() - wall0
-    busy1, own1 = _machine_busy_s(), time.process_time()
-    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+    others = _machine.other_cores(before, _machine.machine_cpu_seconds(), time.perf_counter() - wall0)
     result = dict(engine=job["engine"], case=job["case"], load_s=load_s, first_s=first_s, runs_s=runs,
-                  median_s=statistics.median(runs), other_cores=others, peak_rss_mb=_peak_rss_mb(),
+                  median_s=statistics.median(runs), other_cores=others, peak_rss_mb=_machine.peak_rss_mb(),
                   rss_after_load_mb=rss_loaded, versions=versions, tokens=out.tolist())
     with open(out_path, "w", encoding="utf-8") as f:
         json.dump(result, f)
@@ -279,27 +257,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.worker:
         worker(*args.worker)
         return 0
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_generate as bg  # the small preset, its model builder and its inputs
 
     shape = bg.PRESETS["small"]
-    print(f"{datetime.date.today()}  {_cpu_name()}, {os.cpu_count()} cores, threads {args.threads}; "
+    print(f"{datetime.date.today()}  {_machine.cpu_name('unknown')}, {os.cpu_count()} cores, threads {args.threads}; "
           f"load average {os.getloadavg()}", flush=True)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_ct2_") as work:
@@ -374,7 +340,7 @@ def report(args: argparse.Namespace, shape: Any, results: list[dict[str, Any]]) 
         slim = [{k: v for k, v in r.items() if k != "tokens"} for r in results]
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                           cpu=_cpu_name(), command=" ".join(sys.argv), threads=args.threads,
+                           cpu=_machine.cpu_name("unknown"), command=" ".join(sys.argv), threads=args.threads,
                            shape=shape.__dict__, results=slim), f, indent=2)
     if failed:
         print("FAIL: tokens differ from transformers: " + "; ".join(failed), file=sys.stderr)

@@ -12,11 +12,18 @@ early. Each engine gets ``--warmup`` untimed calls, then ``--runs`` timed calls;
     compile s = our first call - our median call            (tracing + XLA compilation of the program)
     speed-up  = transformers time / our time
 
+When an interpreter with transformers 4.57 and jax is at hand (``.venv-tf457`` after
+``BERTGEN_BENCH_FLAX457=1 scripts/install.sh``, or ``$BERTGEN_FLAX457_PYTHON``), the greedy cases also run
+transformers 4.57's Flax port (``bench_flax457.py``) in a subprocess, and a second table puts its figures next to
+ours and transformers' PyTorch (speed only: FlaxBert is not BertGeneration). Otherwise one line says why not.
+On a GPU a further table gives the peak device memory per case.
+
 Exit status: 0 when every checked case is identical, 1 when any float32 output differs (after printing the table),
 2 on bad arguments.
 
     python bench/bench_generate.py                          # small preset on the CPU, all four cases
     python bench/bench_generate.py --preset l24 --dtype bfloat16 --json out/bench_l24.json   # on a GPU
+    bash bench/gpu.sh                                       # every GPU benchmark at once (bench/gpu.py)
 """
 from __future__ import annotations
 
@@ -27,68 +34,34 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
 import dataclasses
-import datetime
+import gc
 import json
-import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-import jax
-import jaxlib
-import numpy as np
-import torch
-import transformers
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+if _BENCH_DIR not in sys.path:  # `bertgen bench` runs this file with runpy, which does not add its folder
+    sys.path.insert(0, _BENCH_DIR)
+import _machine  # noqa: E402  (bench/: machine helpers shared by the benchmark scripts)
+import bench_flax457  # noqa: E402  (imports nothing heavy at module level)
+from _workload import (CASES, DECODER_START, EOS, FIRST_SOURCE_ID, PAD, PRESETS, Case, Shape,  # noqa: E402,F401
+                       add_shape_args, apply_shape_args, make_inputs, shape_flags)
 
-import bertgen_flax
-from bertgen_flax import generation
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
-DECODER_START, PAD, EOS = 2, 0, 1
-NOISY_CORES = 0.2    # warn when other processes use more than this many cores while we time
-FIRST_SOURCE_ID = 5  # source ids are drawn from [5, vocab): no pad, eos or start token inside a source
+import bertgen_flax  # noqa: E402
+from bertgen_flax import generation  # noqa: E402
 
-
-@dataclass(frozen=True)
-class Shape:
-    """Model and workload shape."""
-
-    hidden: int
-    encoder_layers: int
-    decoder_layers: int
-    heads: int
-    intermediate: int
-    vocab: int
-    max_positions: int
-    source: int       # source length; rows are ragged (padded on the right) below it
-    new_tokens: int   # forced: min_new_tokens == max_new_tokens
-
-
-PRESETS: dict[str, Shape] = {
-    # the CPU anchor's shape (/work/shared/reference/anchors.md): hidden 256, 4+4 layers, vocab 8000
-    "small": Shape(hidden=256, encoder_layers=4, decoder_layers=4, heads=4, intermediate=1024, vocab=8000,
-                   max_positions=512, source=64, new_tokens=32),
-    # the Google bert2bert L-24 checkpoints' shape; meant for a GPU
-    "l24": Shape(hidden=1024, encoder_layers=24, decoder_layers=24, heads=16, intermediate=4096, vocab=50358,
-                 max_positions=512, source=128, new_tokens=64),
-}
-
-
-@dataclass(frozen=True)
-class Case:
-    label: str
-    batch: int
-    beams: int
-
-
-CASES: dict[str, Case] = {
-    "b1": Case("batch 1 greedy", 1, 1),
-    "b32": Case("batch 32 greedy", 32, 1),
-    "b128": Case("batch 128 greedy", 128, 1),
-    "b32-beam4": Case("batch 32, 4 beams", 32, 4),
-}
+NOISY_CORES = _machine.NOISY_CORES  # warn when other processes use more than this many cores while we time
+FLAX457_SCRIPT = os.path.join(_BENCH_DIR, "bench_flax457.py")
 
 
 @dataclass
@@ -115,6 +88,9 @@ class EngineResult:
     runs_s: list[float]
     other_cores: Optional[float]
     compile_s: Optional[float] = None  # ours only: first call minus the median call
+    # GPU only: torch.cuda.max_memory_allocated() over this case's calls (reset before them); for ours jax's
+    # peak_bytes_in_use, which jax cannot reset: the peak of the process so far, this case included
+    peak_memory_bytes: Optional[int] = None
 
 
 @dataclass
@@ -143,9 +119,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="small",
                    help="model and workload shape (default: small, sized for a CPU)")
-    for field in dataclasses.fields(Shape):
-        p.add_argument("--" + field.name.replace("_", "-"), type=int, default=None,
-                       help=f"override the preset's {field.name}")
+    add_shape_args(p, Shape)
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated subset of {', '.join(CASES)} (default: all)")
     p.add_argument("--runs", type=int, default=3, help="timed calls per engine and case; the median is reported")
@@ -159,11 +133,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="time one engine only (e.g. to check that the two do not disturb each other)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the weights; numpy seed for inputs")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--flax457", default="auto", metavar="auto|off|PYTHON",
+                   help="also time transformers 4.57's Flax port (bench_flax457.py) on the greedy cases, in a "
+                        "subprocess run by the 4.57 venv's interpreter: auto (default) uses $BERTGEN_FLAX457_PYTHON "
+                        "or .venv-tf457/bin/python when it has jax, and says why when it skips; off; or the path of "
+                        "an interpreter with transformers 4.57 and jax")
     args = p.parse_args(argv)
-    shape = PRESETS[args.preset]
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Shape)
-                 if getattr(args, f.name) is not None}
-    args.shape = dataclasses.replace(shape, **overrides)
+    args.shape = apply_shape_args(args, PRESETS[args.preset])
     args.case_keys = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.case_keys if c not in CASES]
     if unknown or not args.case_keys:
@@ -180,38 +156,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-# ---- devices and threads --------------------------------------------------------------------------------------
-def usable_cores() -> int:
-    """Cores this process may run on (XLA's CPU thread pool sizes itself by the same affinity mask)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def select_devices(choice: str) -> tuple[str, str]:
-    """(torch device, jax backend). Must run before jax initialises a backend."""
-    cuda = torch.cuda.is_available()
-    if choice == "cuda" and not cuda:
-        raise SystemExit("--device cuda: torch sees no CUDA device")
-    if choice == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-    torch_device = "cuda" if choice == "cuda" or (choice == "auto" and cuda) else "cpu"
-    backend = jax.default_backend()
-    if choice == "cuda" and backend != "gpu":
-        raise SystemExit(f"--device cuda: jax's default backend is {backend!r}, not 'gpu'")
-    return torch_device, backend
+# ---- devices -------------------------------------------------------------------------------------------------
+select_devices = _machine.select_devices
 
 
 def sync(torch_device: str) -> None:
@@ -236,17 +182,6 @@ def build_reference(shape: Shape, seed: int) -> transformers.EncoderDecoderModel
     return model.eval()
 
 
-def make_inputs(batch: int, source: int, vocab: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random source ids [batch, source] with ragged right padding (row i keeps source - 7i mod source/2)."""
-    rng = np.random.default_rng(seed + batch)
-    ids = rng.integers(FIRST_SOURCE_ID, vocab, (batch, source)).astype(np.int64)
-    mask = np.ones_like(ids)
-    for i in range(batch):
-        keep = source - (i * 7) % max(1, source // 2)
-        ids[i, keep:], mask[i, keep:] = PAD, 0
-    return ids, mask
-
-
 def generate_kwargs(shape: Shape, beams: int) -> dict[str, Any]:
     """The same search settings for both engines."""
     return dict(max_new_tokens=shape.new_tokens, min_new_tokens=shape.new_tokens, num_beams=beams,
@@ -255,26 +190,6 @@ def generate_kwargs(shape: Shape, beams: int) -> dict[str, Any]:
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------
-def cpu_seconds() -> Optional[tuple[float, float]]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process), or None without /proc/stat."""
-    try:
-        with open("/proc/stat", encoding="utf-8") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    except (OSError, ValueError):
-        return None
-    busy = sum(ticks) - ticks[3] - ticks[4]
-    return busy / os.sysconf("SC_CLK_TCK"), time.process_time()
-
-
-def other_cores(before: Optional[tuple[float, float]], after: Optional[tuple[float, float]],
-                wall_s: float) -> Optional[float]:
-    """Average cores that other processes (or the hypervisor: steal) kept busy over ``wall_s`` seconds."""
-    if before is None or after is None or wall_s <= 0:
-        return None
-    machine, own = after[0] - before[0], after[1] - before[1]
-    return max(0.0, machine - own) / wall_s
-
-
 def time_calls(call: Callable[[], np.ndarray], warmup: int, runs: int) -> tuple[Timing, np.ndarray]:
     """Times ``call`` (which must block until its result is ready); returns the timing and the last output."""
     def timed() -> tuple[float, np.ndarray]:
@@ -285,11 +200,11 @@ def time_calls(call: Callable[[], np.ndarray], warmup: int, runs: int) -> tuple[
     first, out = timed()
     warm = [timed()[0] for _ in range(warmup - 1)]
     runs_s = []
-    before, start = cpu_seconds(), time.perf_counter()
+    before, start = _machine.machine_cpu_seconds(), time.perf_counter()
     for _ in range(runs):
         seconds, out = timed()
         runs_s.append(seconds)
-    others = other_cores(before, cpu_seconds(), time.perf_counter() - start)
+    others = _machine.other_cores(before, _machine.machine_cpu_seconds(), time.perf_counter() - start)
     return Timing(first, warm, runs_s, others), out
 
 
@@ -330,8 +245,10 @@ def run_case(key: str, args: argparse.Namespace, reference: Any, ours: Any, torc
             sync(torch_device)
             return out.cpu().numpy()
 
+        _machine.torch_reset_peak(torch_device)
         timing, torch_out = time_calls(call_torch, args.warmup, args.runs)
         torch_result = engine_result("transformers", timing, case.batch, shape.new_tokens, with_compile=False)
+        torch_result.peak_memory_bytes = _machine.torch_peak_bytes(torch_device)
         if torch_device == "cuda":
             torch.cuda.empty_cache()
 
@@ -345,6 +262,7 @@ def run_case(key: str, args: argparse.Namespace, reference: Any, ours: Any, torc
         timing, ours_out = time_calls(call_ours, args.warmup, args.runs)  # the first call compiles the program
         retraced = generation.TRACE_COUNTS["seq2seq"] - traces > 1
         ours_result = engine_result("bertgen_flax", timing, case.batch, shape.new_tokens, with_compile=True)
+        ours_result.peak_memory_bytes = _machine.jax_peak_bytes()
 
     if torch_out is None or ours_out is None:
         identity, detail = "skipped (one engine)", ""
@@ -378,19 +296,75 @@ def table(results: Sequence[CaseResult]) -> str:
     return "\n".join(rows)
 
 
+def memory_table(results: Sequence[CaseResult]) -> str:
+    """Peak device memory per case (GPU only): torch's is per case; jax's peak cannot be reset, so ours is the
+    peak of the process up to and including the case."""
+    def gib(r: Optional[EngineResult]) -> str:
+        return "-" if r is None or r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**30:.2f}"
+
+    rows = ["| case | transformers peak GiB (this case) | ours peak GiB (process so far) |", "|---|---|---|"]
+    rows += [f"| {r.label} | {gib(r.torch)} | {gib(r.ours)} |" for r in results]
+    return "\n".join(rows)
+
+
+# ---- transformers 4.57's Flax port ------------------------------------------------------------------------------
+def run_flax457(args: argparse.Namespace, backend: str) -> dict[str, Any]:
+    """Runs bench_flax457.py on the greedy cases in the 4.57 venv's interpreter; its JSON, or {"skipped": why}
+    after printing one line that says why."""
+    cases = [k for k in args.case_keys if CASES[k].beams == 1]
+    python, why = (None, "--flax457 off") if args.flax457 == "off" else \
+        bench_flax457.find_interpreter(None if args.flax457 == "auto" else args.flax457, need_gpu=backend == "gpu")
+    if python is not None and not cases:
+        python, why = None, "no greedy case selected (its beam search is not comparable)"
+    if python is None:
+        print(f"\ntransformers 4.57 Flax: skipped ({why})", flush=True)
+        return {"skipped": why}
+    with tempfile.TemporaryDirectory(prefix="bench_flax457_") as tmp:
+        out = os.path.join(tmp, "flax457.json")
+        command = [python, bench_flax457.__file__, *shape_flags(args.shape), "--cases", ",".join(cases),
+                   "--runs", str(args.runs), "--warmup", str(args.warmup), "--dtype", args.dtype,
+                   "--device", "cpu" if backend == "cpu" else args.device, "--seed", str(args.seed), "--json", out]
+        print(f"\ntransformers 4.57 Flax ({python}): {' '.join(command[1:])}", flush=True)
+        rc = subprocess.run(command).returncode
+        if rc != 0 or not os.path.isfile(out):
+            why = f"bench_flax457.py exited with status {rc}"
+            print(f"transformers 4.57 Flax: failed ({why})", flush=True)
+            return {"skipped": why, "command": command}
+        with open(out, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def flax457_table(results: Sequence[CaseResult], flax: Sequence[dict[str, Any]]) -> str:
+    """Ours, transformers' PyTorch and transformers 4.57's Flax port side by side (speed only, same shape)."""
+    by_case = {r["case"]: r for r in flax}
+    rows = ["| case | transformers PyTorch ms/step | transformers 4.57 Flax ms/step | ours ms/step "
+            "| 4.57 Flax tok/s | ours tok/s | 4.57 Flax first call s | ours first call s "
+            "| speed-up ours vs 4.57 Flax | speed-up ours vs PyTorch |", "|" + "---|" * 10]
+    for r in results:
+        f = by_case.get(r.case)
+        if f is None:
+            continue
+        t, o = r.torch, r.ours
+        vs_flax = "-" if o is None else f"{f['median_s'] / o.median_s:.2f}x"
+        cells = [r.label, _fmt(t and t.ms_per_step, ".2f"), _fmt(f["ms_per_step"], ".2f"),
+                 _fmt(o and o.ms_per_step, ".2f"), _fmt(f["tokens_per_s"], ",.0f"), _fmt(o and o.tokens_per_s, ",.0f"),
+                 _fmt(f["first_call_s"], ".1f"), _fmt(o and o.first_call_s, ".1f"), vs_flax,
+                 "-" if r.speedup is None else f"{r.speedup:.2f}x"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def environment(args: argparse.Namespace, torch_device: str, backend: str, threads: int) -> dict[str, Any]:
     jax_device = jax.devices()[0]
     return dict(
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        date=_machine.now_iso(),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         preset=args.preset, shape=dataclasses.asdict(args.shape), dtype=args.dtype, runs=args.runs,
         warmup=args.warmup, seed=args.seed, engines=args.engines,
-        versions=dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
-                      torch=torch.__version__, transformers=transformers.__version__,
-                      numpy=np.__version__),
-        cpu=cpu_name(), usable_cores=threads,
+        versions=_machine.versions("jax", "jaxlib", "torch", "transformers", "numpy"),
+        cpu=_machine.cpu_name(), usable_cores=threads,
         torch_device=torch_device,
-        torch_device_name=torch.cuda.get_device_name() if torch_device == "cuda" else cpu_name(),
+        torch_device_name=torch.cuda.get_device_name() if torch_device == "cuda" else _machine.cpu_name(),
         torch_threads=torch.get_num_threads(),
         jax_backend=backend, jax_device_kind=jax_device.device_kind,
         jax_cpu_threads=threads if backend == "cpu" else None,
@@ -417,7 +391,7 @@ def print_environment(env: dict[str, Any]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     torch_device, backend = select_devices(args.device)
-    threads = usable_cores()
+    threads = _machine.usable_cores()
     torch.set_num_threads(threads)  # the cores XLA's CPU pool uses
     if args.dtype == "float32":
         # full float32 matmuls in both engines (jax would use TF32 on recent GPUs; torch does not by default)
@@ -454,16 +428,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print()
     print(table(results))
+    if any(r.peak_memory_bytes is not None for c in results for r in (c.torch, c.ours) if r is not None):
+        print()
+        print(memory_table(results))
     print(f"\nload average at start {env['load_average_start']}, at end {env['load_average_end']}")
     busiest = max((r.other_cores or 0.0 for c in results for r in (c.torch, c.ours) if r is not None), default=0.0)
-    if busiest > NOISY_CORES:
-        print(f"WARNING: other processes kept up to {busiest:.2f} cores busy during timed calls: these timings "
-              f"are unreliable; rerun on a quiet machine", file=sys.stderr)
+    _machine.warn_if_noisy(busiest)
+
+    # transformers 4.57's Flax port, in its own interpreter, after ours and transformers have freed the device
+    del reference, ours
+    gc.collect()
+    if torch_device == "cuda":
+        torch.cuda.empty_cache()
+    flax457 = run_flax457(args, backend)
+    if flax457.get("results"):
+        print()
+        print(flax457_table(results, flax457["results"]))
+        print(bench_flax457.NOT_COMPARABLE)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        payload = dict(environment=env, results=[dict(dataclasses.asdict(r), speedup=r.speedup) for r in results])
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
+        payload = dict(environment=env, results=[dict(dataclasses.asdict(r), speedup=r.speedup) for r in results],
+                       flax457=flax457)
+        _machine.write_json(args.json, payload)
         print(f"wrote {args.json}")
     failed = [r for r in results if r.identity == "MISMATCH"]
     if failed:

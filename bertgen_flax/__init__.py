@@ -6,6 +6,7 @@ from .decoding import GenerationConfig
 from .generation import enable_compilation_cache
 from .models import BertGenerationDecoder, BertGenerationEncoder, EncoderDecoderModel
 from .pipeline import InputTooLongError, Text2TextGenerator
+from .quantization import quantize_params
 from .tokenization import (AutoTokenizer, BertGenerationTokenizer, BertTokenizer, RobertaTokenizer,
                            TokenizerError)
 
@@ -14,5 +15,6 @@ __all__ = [
     "ConversionError", "Report", "BertGenerationEncoder", "BertGenerationDecoder", "EncoderDecoderModel",
     "AutoTokenizer", "BertGenerationTokenizer", "BertTokenizer", "RobertaTokenizer", "TokenizerError",
     "GenerationConfig", "Text2TextGenerator", "InputTooLongError", "enable_compilation_cache",
+    "quantize_params",
 ]
 __version__ = "0.1.0"

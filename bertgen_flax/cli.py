@@ -93,7 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                    do_sample=args.do_sample or None, top_k=args.top_k, top_p=args.top_p,
                                    temperature=args.temperature, seed=args.seed,
                                    num_return_sequences=args.num_return_sequences).items() if v is not None}
-    generator = Text2TextGenerator.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size)
+    generator = Text2TextGenerator.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
+                                                   quantize=args.quantize)
     progress = stderr_progress() if from_file and not args.quiet else None
     try:
         outputs = generator(texts, truncate=not args.no_truncate, progress=progress, **knobs)
@@ -137,7 +138,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if result["transformers_identical"] is False else 0
 
 
-BENCHES = {"generate": "bench_generate.py", "train": "bench_train.py", "ct2": "bench_ct2.py"}
+BENCHES = {"generate": "bench_generate.py", "train": "bench_train.py", "ct2": "bench_ct2.py",
+           "flax457": "bench_flax457.py", "gpu": "gpu.py"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -150,14 +152,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not os.path.isfile(script):
         raise FileNotFoundError(f"benchmark script not found: {script} (the benchmarks live in a source checkout's "
                                 "bench/; set BERTGEN_BENCH_DIR to point at it)")
-    saved = sys.argv
+    saved, saved_path = sys.argv, list(sys.path)
     sys.argv = [script, *args.bench_args]
+    sys.path.insert(0, os.path.abspath(bench_dir))  # as `python bench/x.py` would: the scripts import bench/_machine
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return int(e.code or 0)
     finally:
-        sys.argv = saved
+        sys.argv, sys.path[:] = saved, saved_path
     return 0
 
 
@@ -196,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-return-sequences", type=int, help="several outputs per input, tab-separated")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantized matrices (int8 per column; int4 in groups of 128, packed)")
     g.add_argument("--do-sample", action="store_true")
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
@@ -231,9 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks against transformers (and CTranslate2)",
-                       description="Runs bench/bench_<which>.py of the source checkout with the remaining "
-                                   "arguments (see BENCHMARKS.md): generate (ours vs transformers generate), "
-                                   "train (training step), ct2 (ours vs CTranslate2 vs transformers on a CPU).")
+                       description="Runs a script of the source checkout's bench/ with the remaining arguments "
+                                   "(see BENCHMARKS.md): generate (ours vs transformers generate), train (training "
+                                   "step), ct2 (ours vs CTranslate2 vs transformers on a CPU), flax457 "
+                                   "(transformers 4.57's Flax port; needs its own venv's interpreter), gpu (every "
+                                   "GPU benchmark of issue 5 in one run, with a SUMMARY.md; "
+                                   "BERTGEN_GPU_BENCH_TINY=1 rehearses it with tiny shapes).")
     b.add_argument("which", choices=sorted(BENCHES))
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script (--help)")
     b.set_defaults(func=cmd_bench)

@@ -277,6 +277,29 @@ def first_argmax(x: Array) -> Array:
     return jnp.min(jnp.where(hit, index, x.shape[-1] - 1), axis=-1)
 
 
+def top_k(x: Array, k: int, chunk: int = 64) -> tuple[Array, Array]:
+    """``jax.lax.top_k(x, k)`` over the last axis of ``x`` [N, M], ties included, much faster for k << M.
+
+    XLA's CPU ``TopK`` sorts every row (1.8 ms for beam search's [32, 4 x 8000] scores, ~6% of a step). Here the
+    row is cut into chunks of ``chunk`` values: the k best values lie in the k chunks with the largest maxima
+    (ties between chunk maxima go to the earlier chunk, as ``top_k`` prefers the earlier index), so ``top_k``
+    runs over k chunk maxima and then over those k chunks, taken in index order. Same values and indices.
+    """
+    n, m = x.shape
+    chunks = -(-m // chunk)
+    if chunks <= k:
+        return jax.lax.top_k(x, k)
+    if chunks * chunk != m:  # pad with -inf after the last index: a pad never wins a tie against a real value
+        x = jnp.pad(x, ((0, 0), (0, chunks * chunk - m)), constant_values=NEG_INF)
+    blocks = x.reshape(n, chunks, chunk)
+    # top_k ranks NaN above everything; the CPU's max reduction may skip a NaN, so chunks holding one say so
+    peak = jnp.where(jnp.any(jnp.isnan(blocks), axis=-1), jnp.nan, jnp.max(blocks, axis=-1))
+    best = jnp.sort(jax.lax.top_k(peak, k)[1], axis=-1)                         # [N, k] chunk ids, ascending
+    candidates = jnp.take_along_axis(blocks, best[:, :, None], axis=1).reshape(n, k * chunk)
+    values, j = jax.lax.top_k(candidates, k)
+    return values, jnp.take_along_axis(best, j // chunk, axis=1) * chunk + j % chunk
+
+
 # ---- the loop -------------------------------------------------------------------------------------------------
 def _run_loop(state: dict, select: Callable[[dict], dict], advance: Callable[[dict], tuple[Array, Any]],
               done: Callable[[dict], Array], length: int) -> dict:
@@ -390,10 +413,10 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
         rng, key = jax.random.split(s["rng"])
         if spec.do_sample:  # sampling without replacement from softmax(acc): Gumbel top-k
             gumbel = -jnp.log(-jnp.log(jax.random.uniform(key, acc.shape, minval=1e-20, maxval=1.0)))
-            idx = jax.lax.top_k(jnp.where(jnp.isfinite(acc), acc + gumbel, NEG_INF), v_keep)[1]
+            idx = top_k(jnp.where(jnp.isfinite(acc), acc + gumbel, NEG_INF), v_keep)[1]
             top_lp = jnp.take_along_axis(acc, idx, axis=1)
         else:
-            top_lp, idx = jax.lax.top_k(acc, v_keep)                             # [B, 2K]
+            top_lp, idx = top_k(acc, v_keep)                                     # [B, 2K]
         parent = idx // vocab
         token = (idx % vocab).astype(jnp.int32)
         top_seqs = s["running"][rows, parent]                                    # [B, 2K, L]

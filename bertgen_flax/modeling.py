@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
+from . import quantization
 from .config import BertGenerationConfig, EncoderDecoderConfig
 
 Array = jax.Array
@@ -105,9 +106,68 @@ class Seq2SeqOutput:
     cross_attentions: Optional[tuple] = None
 
 
-def _dense(features: int, config: BertGenerationConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.initializers.normal(config.initializer_range))
+class Dense(nn.Module):
+    """y = x @ kernel + bias, with ``kernel`` [in, out] as stored, or int8/int4 ``qkernel`` + ``qscale`` when the
+    params were quantized (``quantization.py``): the tree says which, so one module serves both."""
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.has_variable("params", "qkernel"):
+            y = quantization.quantized_dense(x, self.get_variable("params", "qkernel"),
+                                             self.get_variable("params", "qscale"), self.dtype)
+        else:
+            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))           # [..., out]
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """A [num, features] lookup table that can also be contracted with (the tied LM head); float ``embedding``
+    or an int8 per-row ``qembedding`` + ``qscale`` when quantized."""
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Callable = nn.initializers.normal(1.0)
+
+    def setup(self) -> None:
+        """The float table, unless the params hold a quantized one."""
+        if not self._quantized():
+            self.embedding = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features),
+                                        self.param_dtype)
+
+    def _quantized(self) -> bool:
+        return self.has_variable("params", "qembedding")
+
+    def _table(self) -> Array:
+        return self.embedding
+
+    def __call__(self, ids: Array) -> Array:
+        """Rows ``ids``: [..., features]."""
+        if self._quantized():
+            return quantization.quantized_lookup(self.get_variable("params", "qembedding"),
+                                                 self.get_variable("params", "qscale"), ids, self.dtype)
+        return jnp.take(self._table(), ids, axis=0).astype(self.dtype)
+
+    def attend(self, h: Array) -> Array:
+        """h [B, T, features] @ table^T -> [B, T, num]."""
+        if self._quantized():
+            return quantization.quantized_attend(h, self.get_variable("params", "qembedding"),
+                                                 self.get_variable("params", "qscale"), self.dtype)
+        # contract with the table as stored: a transposed copy per decode step costs more than the matmul
+        return jnp.einsum("bth,vh->btv", h.astype(self.dtype), self._table().astype(self.dtype))
+
+
+def _dense(features: int, config: BertGenerationConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> Dense:
+    return Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                 kernel_init=nn.initializers.normal(config.initializer_range))
 
 
 def _layer_norm(config: BertGenerationConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -126,8 +186,8 @@ class Embeddings(nn.Module):
         """Word and position tables, LayerNorm and dropout (PyTorch names)."""
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
-        self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
-                                        dtype=self.dtype, param_dtype=self.param_dtype)
+        self.word_embeddings = Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
+                                     dtype=self.dtype, param_dtype=self.param_dtype)
         self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
                                             dtype=self.dtype, param_dtype=self.param_dtype)
         self.LayerNorm = _layer_norm(cfg, self.dtype, self.param_dtype, "LayerNorm")
@@ -247,7 +307,10 @@ class Attention(nn.Module):
             # cached keys to [N, D, S] on every step at batch 1 (8% of a batch-1 step).
             scores = jnp.einsum("bnkd,bnd->bnk", k, q[:, 0])[:, :, None, :]            # [B, N, 1, S]
         else:
-            scores = jnp.einsum("bqnd,bnkd->bnqk", q, k)                             # [B, N, T, S]
+            # Heads moved next to the batch first (a small copy of q): the dots are then plain batched matmuls
+            # [T, D] x [D, S]. Contracting q as [B, T, N, D] made XLA pick layouts that ran the small batched
+            # dots of beam-search cross-attention (beams folded into T) about 4x slower on the CPU.
+            scores = jnp.einsum("bnqd,bnkd->bnqk", q.transpose(0, 2, 1, 3), k)         # [B, N, T, S]
         if self.relative:
             pe = proj.distances(query_positions, key_positions).astype(q.dtype)  # [T, S, D]
             scores = scores + jnp.einsum("bqnd,qkd->bnqk", q, pe)
@@ -271,7 +334,7 @@ class Attention(nn.Module):
         if single:
             context = jnp.einsum("bnk,bnkd->bnd", probs[:, :, 0], v).reshape(b, t, cfg.hidden_size)  # [B, 1, H]
         else:
-            context = jnp.einsum("bnqk,bnkd->bqnd", probs, v).reshape(b, t, cfg.hidden_size)  # [B, T, H]
+            context = jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3).reshape(b, t, cfg.hidden_size)
         if groups > 1 and output_attentions:
             probs = probs.reshape(k.shape[0], -1, groups, t, probs.shape[-1]).swapaxes(1, 2).reshape(
                 b, -1, t, probs.shape[-1])
@@ -395,9 +458,9 @@ class BertGenerationModule(nn.Module):
         """Embeddings and the layer stack."""
         self.embeddings = Embeddings(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def word_embedding_matrix(self) -> Array:
-        """The word-embedding table [V, H], which a tied LM head reuses."""
-        return self.embeddings.word_embeddings.embedding                     # [V, H]
+    def attend_word_embeddings(self, h: Array) -> Array:
+        """h [B, T, H] @ word_embeddings^T [H, V]: the matmul of a tied LM head."""
+        return self.embeddings.attend(h)
 
     @nn.compact
     def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
@@ -449,16 +512,15 @@ class LMHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h: Array, word_embeddings: Array) -> Array:
+    def __call__(self, h: Array, attend_word_embeddings: Callable[[Array], Array]) -> Array:
         cfg = self.config
         bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), self.param_dtype)
         h = h.astype(self.dtype)
         if cfg.tie_word_embeddings:
-            # contract with E as stored ([V, H]): a transposed copy of E per decode step costs more than the matmul
-            logits = jnp.einsum("bth,vh->btv", h, word_embeddings.astype(self.dtype))           # [B, T, V]
+            logits = attend_word_embeddings(h)                                                   # [B, T, V]
         else:
-            decoder = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                               kernel_init=nn.initializers.normal(cfg.initializer_range), name="decoder")
+            decoder = Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=nn.initializers.normal(cfg.initializer_range), name="decoder")
             logits = decoder(h)
         return logits + bias.astype(self.dtype)
 
@@ -512,7 +574,7 @@ class BertGenerationDecoderModule(nn.Module):
         out = self.bert(input_ids, attention_mask, position_ids, head_mask, inputs_embeds, encoder_hidden_states,
                         encoder_attention_mask, causal=True, decode=decode, deterministic=deterministic,
                         output_attentions=output_attentions, output_hidden_states=output_hidden_states)
-        logits = self.lm_head(out.last_hidden_state, self.bert.word_embedding_matrix())  # [B, T, V]
+        logits = self.lm_head(out.last_hidden_state, self.bert.attend_word_embeddings)  # [B, T, V]
         loss = None
         if labels is not None:  # causal-LM loss: position t predicts label t + 1
             loss = cross_entropy(logits[:, :-1], labels[:, 1:])

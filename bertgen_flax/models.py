@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoints, convert
+from . import checkpoints, convert, quantization
 from .fileio import write_dir_atomically
 from .config import (GENERATION_CONFIG_NAME, BertGenerationConfig, ConfigError, EncoderDecoderConfig,
                      load_config, read_json)
@@ -107,6 +107,7 @@ class PretrainedModel:
         self.scan_layers = scan_layers
         self.module = self._make_module(scan_layers)
         self.generation_config = dict(generation_config or {})
+        self.quantization: Optional[str] = None  # "int8" / "int4" once ``quantize`` has run
         self._jitted: dict = {}
         self.params = self.init_params(jax.random.PRNGKey(seed)) if params is None else params
 
@@ -133,8 +134,28 @@ class PretrainedModel:
     def _canonical_init(self, rng: jax.Array) -> dict:
         return jax.jit(self._init_fn(self._make_module(True)))(rng)
 
+    def quantize(self, mode: str, group_size: int = quantization.DEFAULT_GROUP_SIZE) -> "PretrainedModel":
+        """A copy of this model with weight-only ``int8`` or ``int4`` matrices, for inference (see quantization.py).
+
+        The copy shares config and generation defaults; the float params are not kept. Quantized models generate
+        and run forward passes but cannot be saved or trained: quantize a float model after loading it instead.
+        """
+        if self.quantization is not None:
+            raise ValueError(f"this model is already quantized ({self.quantization})")
+        model = type(self)(self.config, params={}, dtype=self.dtype, param_dtype=self.param_dtype,
+                           scan_layers=self.scan_layers, generation_config=self.generation_config)
+        model.params = jax.jit(lambda p: quantization.quantize_params(p, mode, group_size))(self.params)
+        model.quantization = mode
+        return model
+
+    def _refuse_if_quantized(self, what: str) -> None:
+        if self.quantization is not None:
+            raise ValueError(f"cannot {what} a model quantized to {self.quantization}: its weights are rounded "
+                             "approximations; save or train the float model it was quantized from")
+
     def canonical_params(self) -> dict:
         """Parameters with layers stacked on a leading axis (the checkpoint form), as numpy arrays."""
+        self._refuse_if_quantized("export the parameters of")
         tree = jax.tree_util.tree_map(np.asarray, self.params)
         return tree if self.scan_layers else convert.stack_layers(tree)
 
@@ -154,13 +175,30 @@ class PretrainedModel:
     @classmethod
     def from_pretrained(cls, path: str, dtype: Any = None, *, param_dtype: Any = None, scan_layers: bool = True,
                         fold_token_type_embeddings: Optional[bool] = None, verbose: bool = False,
-                        **config_overrides: Any):
+                        quantize: Optional[str] = None, **config_overrides: Any):
         """Loads an HF directory (config.json + safetensors/.bin/shards) or a native bertgen checkpoint.
 
         ``fold_token_type_embeddings``: for BERT checkpoints, add the type-0 token-type row to the position
         embeddings so the encoder computes what ``BertModel`` computed (transformers drops it: default False);
-        RoBERTa checkpoints fold by default. ``config_overrides`` replace config fields (e.g. ``is_decoder``).
+        RoBERTa checkpoints fold by default. ``quantize``: ``"int8"`` or ``"int4"`` returns the weight-only
+        quantized model (``PretrainedModel.quantize``). ``config_overrides`` replace config fields (e.g.
+        ``is_decoder``).
         """
+        if quantize is not None and quantize not in quantization.MODES:
+            raise ValueError(f"unknown quantization {quantize!r}: choose one of {', '.join(quantization.MODES)}")
+        if quantize is None:
+            return cls._load(path, dtype, param_dtype, scan_layers, fold_token_type_embeddings, verbose,
+                             config_overrides)
+        # The float weights live (and are quantized) in host memory: only the quantized ones reach the device.
+        with jax.default_device(jax.devices("cpu")[0]):
+            model = cls._load(path, dtype, param_dtype, scan_layers, fold_token_type_embeddings, verbose,
+                              config_overrides).quantize(quantize)
+        model.params = jax.device_put(model.params, jax.devices()[0])
+        return model
+
+    @classmethod
+    def _load(cls, path: str, dtype: Any, param_dtype: Any, scan_layers: bool,
+              fold_token_type_embeddings: Optional[bool], verbose: bool, config_overrides: Mapping[str, Any]):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         if is_native_checkpoint(path):
@@ -292,7 +330,8 @@ class PretrainedModel:
 
     def __repr__(self) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
-        return f"{type(self).__name__}({n:,} parameters, dtype={jnp.dtype(self.dtype).name})"
+        quant = f", weights {self.quantization}" if self.quantization else ""
+        return f"{type(self).__name__}({n:,} parameters, dtype={jnp.dtype(self.dtype).name}{quant})"
 
 
 def _read_generation_config(path: str) -> dict:

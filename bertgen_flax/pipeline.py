@@ -35,11 +35,12 @@ class Text2TextGenerator:
         self.generation_kwargs = generation_kwargs
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: Any = None, batch_size: int = 32,
+    def from_pretrained(cls, path: str, *, dtype: Any = None, batch_size: int = 32, quantize: Optional[str] = None,
                         **generation_kwargs: Any) -> "Text2TextGenerator":
-        """Model and tokenizer from one directory (HF or native checkpoint with tokenizer files beside it)."""
+        """Model and tokenizer from one directory (HF or native checkpoint with tokenizer files beside it);
+        ``quantize="int8"``/``"int4"`` generates with weight-only quantized matrices."""
         from .tokenization import AutoTokenizer
-        model = EncoderDecoderModel.from_pretrained(path, dtype)
+        model = EncoderDecoderModel.from_pretrained(path, dtype, quantize=quantize)
         return cls(model, AutoTokenizer.from_pretrained(path), batch_size=batch_size, **generation_kwargs)
 
     def encode(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:

@@ -22,3 +22,11 @@ if [ "${BERTGEN_SKIP_TF457:-0}" != "1" ]; then
   .venv-tf457/bin/python -m pip install $quiet 'transformers==4.57.*' 'tokenizers<=0.23.0' 'huggingface-hub<1.0' \
     safetensors numpy sentencepiece
 fi
+
+# Optional, for benchmarks only (bench/bench_flax457.py: transformers 4.57's Flax port as an engine): jax, flax and
+# optax in the 4.57 venv. Off by default so CI installs stay as they are. These versions run transformers 4.57.6's
+# Flax generate and training step (CPU jax; on a GPU machine point BERTGEN_FLAX457_PYTHON at a CUDA-jax python).
+if [ "${BERTGEN_BENCH_FLAX457:-0}" = "1" ]; then
+  [ -x .venv-tf457/bin/python ] || { echo "BERTGEN_BENCH_FLAX457=1 needs .venv-tf457 (unset BERTGEN_SKIP_TF457)" >&2; exit 1; }
+  .venv-tf457/bin/python -m pip install $quiet 'jax==0.10.2' 'jaxlib==0.10.2' 'flax==0.12.8' 'optax==0.2.8'
+fi

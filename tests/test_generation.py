@@ -330,6 +330,27 @@ def test_first_argmax_picks_what_argmax_picks():
         assert (np.asarray(first_argmax(x)) == np.asarray(jnp.argmax(x, axis=-1))).all(), x
 
 
+def test_chunked_top_k_picks_what_lax_top_k_picks():
+    import jax
+    import jax.numpy as jnp
+    from bertgen_flax.decoding import top_k
+    rng = np.random.default_rng(0)
+    ties = rng.integers(0, 4, (5, 3000)).astype(float)                      # many ties, across chunks too
+    sparse = np.full((3, 1000), -np.inf)
+    sparse[:, [7, 500, 999]] = 1.0                                           # fewer finite values than k
+    rows = [rng.standard_normal((6, 32000)), ties, sparse, rng.standard_normal((4, 70)),  # 70: padded chunk
+            np.round(rng.standard_normal((3, 4001)), 1)]
+    nan = rng.standard_normal((3, 3000))
+    nan[0, 5], nan[1, [100, 2000]], nan[2, :] = np.nan, np.nan, np.nan        # top_k ranks NaN first
+    rows.append(nan)
+    for x in rows:
+        x = jnp.asarray(x, jnp.float32)
+        for k in (1, 8, 12):
+            want, got = jax.lax.top_k(x, k), jax.jit(top_k, static_argnums=1)(x, k)
+            assert np.array_equal(np.asarray(got[0]), np.asarray(want[0]), equal_nan=True)
+            assert np.array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
 CACHE_SCRIPT = r"""
 import json, os, sys
 import numpy as np

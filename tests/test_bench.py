@@ -1,0 +1,123 @@
+"""The benchmark driver's pieces that need no accelerator: the GPU summary's target table, the shared workload,
+finding the transformers 4.57 interpreter, and (slow) the whole GPU driver rehearsed with tiny shapes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+sys.path.insert(0, BENCH)
+
+import _workload  # noqa: E402
+import bench_flax457  # noqa: E402
+import gpu_summary  # noqa: E402
+
+
+def _write(path, payload):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f)
+
+
+def _engine(ms=None, tok=None, first=None, peak=None):
+    return dict(ms_per_step=ms, tokens_per_s=tok, first_call_s=first, compile_s=None, peak_memory_bytes=peak)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run folder as bench/gpu.py leaves it, with made-up figures around the issue-5 targets."""
+    _write(tmp_path / "manifest.json", dict(stamp="20260101-000000Z", date_utc="2026-01-01T00:00:00+00:00",
+                                            tiny=False, device=dict(jax_device_kind="NVIDIA H100 80GB HBM3",
+                                                                    torch_device_name="NVIDIA H100 80GB HBM3",
+                                                                    jax="0.10.2", torch="2.13.0"),
+                                            steps=[dict(name="generate-bf16", status="ok", seconds=12.0,
+                                                        command=["python", "bench/bench_generate.py"])]))
+    cases = [("b1", "batch 1 greedy", _engine(0.5, 2_000, 4.0, 2 * 2**30), _engine(14.1, 71, 1.0, 2**30)),
+             ("b32", "batch 32 greedy", _engine(0.6, 50_000, 6.0), _engine(20.1, 1_591, 1.0)),
+             ("b128", "batch 128 greedy", _engine(1.4, 90_000, 4.5), _engine(17.4, 7_377, 1.0)),
+             ("b32-beam4", "batch 32, 4 beams", _engine(1.0, 30_000, 5.5), _engine(26.5, 1_206, 1.0))]
+    _write(tmp_path / "generate-bf16.json", dict(results=[dict(case=c, label=label, ours=o, torch=t,
+                                                                identity="skipped (bfloat16)", speedup=None)
+                                                           for c, label, o, t in cases]))
+    _write(tmp_path / "flax457.json", dict(results=[dict(case="b1", ms_per_step=2.3, tokens_per_s=435,
+                                                         first_call_s=25.0, peak_memory_bytes=None),
+                                                    dict(case="b32", ms_per_step=2.52, tokens_per_s=12_684,
+                                                         first_call_s=22.0, peak_memory_bytes=None)],
+                                           train=dict(batch=32, source=512, target=128, median_s=0.5,
+                                                      first_call_s=160.0, tflops=1.0, peak_memory_bytes=None)))
+    _write(tmp_path / "train-bf16.json", dict(
+        environment=dict(shape=dict(batch=32, source=512, target=128), parameters_encoder=10**8,
+                         parameters_decoder=2 * 10**8),
+        results=[dict(engine="transformers", tflops=197.0, first_call_s=3.0, median_s=0.234),
+                 dict(engine="bertgen_flax", tflops=460.0, first_call_s=40.0, median_s=0.1)]))
+    return str(tmp_path)
+
+
+def _row(table: str, label: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_target_table_has_values_ratios_and_verdicts(run_dir):
+    table = gpu_summary.target_table(gpu_summary.load_run(run_dir))
+    # target | goal | ours | PyTorch | ours vs PyTorch | 4.57 Flax | ours vs Flax | met
+    assert _row(table, "batch 1 greedy, ms per step") == ["batch 1 greedy, ms per step", "<= 0.60", "0.50", "14.10",
+                                                          "28.20x", "2.30", "4.60x", "met"]
+    b32 = _row(table, "batch 32 greedy, new tokens/s")
+    assert b32[2:5] == ["50,000", "1,591", "31.43x"] and b32[-1] == "met"
+    b128 = _row(table, "batch 128 greedy, new tokens/s")
+    assert b128[2] == "90,000" and b128[5] == "-" and b128[-1] == "**not met**"
+    beam = _row(table, "batch 32 beam 4, new tokens/s")
+    assert beam[5] == "not comparable" and beam[-1] == "met"
+    first = _row(table, "first call (compile), s, slowest generate case, cache empty")
+    assert first[2] == "6.0" and first[4] == "-" and first[5] == "25.0" and first[-1] == "**not met**"
+    assert _row(table, "first call, s, slowest generate case, persistent cache filled")[-1] == "not measured"
+    train = _row(table, "training step, batch 32, 512/128 tokens, TFLOP/s (6 N tokens)")
+    # 4.57 Flax on our parameter counts: 6 * (1e8 * 32 * 512 + 2e8 * 32 * 128) / 0.5 s = 29.5 TFLOP/s
+    assert train[2:6] == ["460.0", "197.0", "2.34x", "29.5"] and train[-1] == "met"
+    assert _row(table, "first call of the training step (compile), s, cache empty")[-1] == "**not met**"
+
+
+def test_summary_is_written_with_memory_and_steps(run_dir):
+    text = gpu_summary.write_summary(run_dir)
+    assert os.path.isfile(os.path.join(run_dir, "SUMMARY.md"))
+    assert "NVIDIA H100 80GB HBM3" in text and "TINY" not in text
+    assert "| generate, batch 1 greedy | 2.00 | 1.00 | - |" in text
+    assert "| generate-bf16 | ok | 12 | `python bench/bench_generate.py` |" in text
+    assert "Quantized generation" in text and "not measured." in text
+
+
+def test_shared_inputs_are_ragged_and_reproducible():
+    ids, mask = _workload.make_inputs(4, 16, 500, seed=0)
+    assert mask.sum(axis=1).tolist() == [16, 9, 10, 11]  # row i keeps 16 - (7 i mod 8)
+    assert (ids[mask == 0] == _workload.PAD).all() and (ids[mask == 1] >= _workload.FIRST_SOURCE_ID).all()
+    again, _ = _workload.make_inputs(4, 16, 500, seed=0)
+    np.testing.assert_array_equal(ids, again)
+    flags = _workload.shape_flags(_workload.PRESETS["l24"])
+    assert flags[:2] == ["--hidden", "1024"] and "--new-tokens" in flags
+
+
+def test_flax457_interpreter_search_says_why_it_skips(tmp_path):
+    python, why = bench_flax457.find_interpreter(str(tmp_path / "no-such-python"))
+    assert python is None and "not found" in why
+
+
+@pytest.mark.slow
+def test_gpu_driver_rehearses_every_step_with_tiny_shapes(tmp_path):
+    """The whole one-command GPU run with BERTGEN_GPU_BENCH_TINY=1 on the CPU (a few minutes)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, BERTGEN_GPU_BENCH_TINY="1")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu.py"), "--out", str(out),
+                           "--steps", "generate-bf16,generate-bf16-cached,train-bf16"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (out / "SUMMARY.md").read_text()
+    assert "TINY REHEARSAL" in summary
+    for name in ("generate-bf16", "generate-bf16-cached", "train-bf16"):
+        assert (out / f"{name}.json").is_file() and (out / f"{name}.log").is_file()
+        assert f"| {name} | ok |" in summary
