@@ -15,6 +15,7 @@ model, and the agreement of its tokens with the float model's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -115,6 +116,35 @@ def _peak_memory() -> dict:
     return out
 
 
+def _capture_programs() -> dict:
+    """Makes the generate programs remember their last arguments, so their compiled memory can be read."""
+    from bertgen_flax import generation
+    last: dict = {}
+    build = generation._seq2seq_program
+
+    def capturing(*a, **k):
+        program = build(*a, **k)
+
+        def call(*args):
+            last["lower"] = lambda: program.lower(*args)
+            return program(*args)
+        return call
+    generation._seq2seq_program = capturing
+    return last
+
+
+def _program_memory(last: dict) -> dict:
+    """XLA's own accounting for the last generate program: parameters and inputs, temporaries, outputs (GB)."""
+    m = last["lower"]().compile().memory_analysis()
+    if m is None:
+        return {}
+    gb = lambda n: n / 2**30
+    return {"program_arguments_gb": gb(m.argument_size_in_bytes), "program_temps_gb": gb(m.temp_size_in_bytes),
+            "program_outputs_gb": gb(m.output_size_in_bytes),
+            "program_total_gb": gb(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                                   - m.alias_size_in_bytes)}
+
+
 def worker(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -141,6 +171,7 @@ def worker(args) -> dict:
     new = shape.new_tokens
     result = {"mode": args.worker, "param_bytes": param_bytes(model.params), "device": jax.devices()[0].device_kind,
               "cases": {}}
+    last = _capture_programs()
     for case in args.case_list:
         batch = _workload.CASES[case].batch
         ids, mask = _workload.make_inputs(batch, source, vocab, args.seed)
@@ -158,7 +189,7 @@ def worker(args) -> dict:
         med = float(np.median(times))
         result["cases"][case] = {"batch": batch, "new_tokens": new, "first_call_s": first, "median_s": med,
                                  "ms_per_step": 1e3 * med / new, "tokens_per_s": batch * new / med,
-                                 "other_cores": busy}
+                                 "other_cores": busy, **_program_memory(last)}
     if args.agreement != "none":
         ids, mask, extra = _agreement_inputs(args, model, vocab, source)
         seqs = []
@@ -224,12 +255,13 @@ def main(argv=None) -> int:
         results[mode] = _run_worker(mode, argv)
         print(f"  {mode}: done", flush=True)
     base = results.get("float")
-    print("\n| mode | params MB | peak mem GB | " + " | ".join(f"{c} ms/step (first call s)" for c in args.case_list)
+    print("\n| mode | params MB | peak mem GB | " + " | ".join(f"{c} ms/step (first call s; program MB)" for c in args.case_list)
           + " | token agreement % | sequences identical % | exact match % |")
     print("|---" * (4 + len(args.case_list) + 2) + "|")
     for mode, r in results.items():
         mem = r.get("peak_device_gb", r["peak_rss_gb"])
-        cells = [f"{r['cases'][c]['ms_per_step']:.2f} ({r['cases'][c]['first_call_s']:.1f})" for c in args.case_list]
+        cells = [f"{r['cases'][c]['ms_per_step']:.2f} ({r['cases'][c]['first_call_s']:.1f}; "
+                 f"{1024 * r['cases'][c].get('program_total_gb', float('nan')):.0f} MB)" for c in args.case_list]
         agree = {}
         if base is not None and "sequences" in r and mode != "float":
             agree = agreement(np.asarray(base["sequences"]), np.asarray(r["sequences"]), base["pad_id"])
@@ -253,7 +285,8 @@ def main(argv=None) -> int:
         for r in results.values():
             r.pop("sequences", None)
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out")},
+            json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out", "shape")},
+                       "shape": dataclasses.asdict(args.shape),
                        "results": results}, f, indent=2)
     return 0
 

@@ -133,6 +133,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--engines", choices=("both", "torch", "ours"), default="both",
                    help="time one engine only (the check needs both), e.g. ours again with a filled compilation "
                         "cache")
+    p.add_argument("--layers", choices=("scanned", "unrolled"), default="scanned",
+                   help="our layer stacks under nn.scan (the default everywhere: one compiled layer) or unrolled "
+                        "(model.scan_layers=false in a training config: longer compiles, a faster step on a CPU)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the weights; numpy seed for the batch")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -363,7 +366,7 @@ def environment(args: argparse.Namespace, torch_device: str, backend: str, threa
         date=_machine.now_iso(),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         preset=args.preset, shape=dataclasses.asdict(args.shape), dtype=args.dtype, runs=args.runs,
-        warmup=args.warmup, seed=args.seed, engines=args.engines,
+        warmup=args.warmup, seed=args.seed, engines=args.engines, layers=args.layers,
         optimizer=dict(name="AdamW", lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                        no_decay="biases and LayerNorm weights", clip_norm=None),
         versions=_machine.versions("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy"),
@@ -411,7 +414,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reference = build_reference(shape, args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         reference.save_pretrained(tmp)
-        ours = bertgen_flax.EncoderDecoderModel.from_pretrained(tmp, dtype=args.dtype)  # param_dtype: float32
+        ours = bertgen_flax.EncoderDecoderModel.from_pretrained(tmp, dtype=args.dtype,  # param_dtype: float32
+                                                               scan_layers=args.layers == "scanned")
     param_dtypes = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(ours.params)})
     n_enc = sum(x.size for x in jax.tree_util.tree_leaves(ours.params["encoder"]))
     n_all = sum(x.size for x in jax.tree_util.tree_leaves(ours.params))
@@ -448,7 +452,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         engine_o = OurEngine(ours, batch)
         ours.params = None  # the state holds its own copy; drop the model's to free device memory
         ours_r, got = measure(engine_o, "bertgen_flax", args.warmup, args.runs,
-                              lambda: checked_ours(engine_o.state.params, layers, ours.config))
+                              lambda: checked_ours(engine_o.state.params if args.layers == "scanned"
+                                                   else convert.stack_layers(engine_o.state.params), layers,
+                                                   ours.config))
         ours_r.compiled_programs = engine_o.compiled_programs()
 
     peak = env["peak_tflops"]

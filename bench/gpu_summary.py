@@ -274,8 +274,8 @@ def quant_table(payload: Any) -> str:
                                               for m in modes.values()):
         return "```json\n" + json.dumps(payload, indent=1)[:4000] + "\n```"
     float_ms = {case: c.get("ms_per_step") for case, c in (modes.get("float") or {}).get("cases", {}).items()}
-    lines = ["| mode | case | ms/step | tok/s | first call s | speed vs float | weights MB | peak | token agreement % "
-             "| sequence agreement % |", "|" + "---|" * 10]
+    lines = ["| mode | case | ms/step | tok/s | first call s | speed vs float | weights MB | program GB | peak "
+             "| token agreement % | sequence agreement % |", "|" + "---|" * 11]
     for mode, m in modes.items():
         peaks = [(k, v) for k, v in m.items() if k.startswith("peak") and isinstance(v, (int, float))]
         peak = "-" if not peaks else f"{peaks[0][1]:.2f} ({peaks[0][0]})"
@@ -284,7 +284,8 @@ def quant_table(payload: Any) -> str:
             base, ms = float_ms.get(case), c.get("ms_per_step")
             speed = "-" if not base or not ms else f"{base / ms:.2f}x"
             lines.append(f"| {mode} | {case} | {fmt(ms, '.2f')} | {fmt(c.get('tokens_per_s'), ',.0f')} | "
-                         f"{fmt(c.get('first_call_s'), '.1f')} | {speed} | {weights} | {peak} | "
+                         f"{fmt(c.get('first_call_s'), '.1f')} | {speed} | {weights} | "
+                         f"{fmt(c.get('program_total_gb'), '.2f')} | {peak} | "
                          f"{fmt(m.get('token_agreement'), '.1f')} | {fmt(m.get('sequence_agreement'), '.1f')} |")
     return "\n".join(lines)
 

@@ -85,13 +85,19 @@ def make_train_step(module: EncoderDecoderModule, tx: optax.GradientTransformati
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient leaves params and optimizer state as they were (the input buffers are
         # donated, so this is the only place the last good values still exist); the caller sees finite=False.
+        # A conditional, not a select: selecting between new and old values costs an extra pass over every
+        # parameter and optimizer buffer (10% of a CPU step), while the conditional updates them in place.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
-                                                   (params, opt_state), (state.params, state.opt_state))
+
+        def update(operands):
+            grads, params, opt_state = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[1:],
+                                         (grads, state.params, state.opt_state))
         metrics = dict(metrics, grad_norm=grad_norm, finite=finite)
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step // accumulation_steps)
