@@ -115,7 +115,7 @@ def run_probe() -> int:
         print(f"transformers {transformers.__version__} has no Flax models (needs 4.x, e.g. 4.57)", file=sys.stderr)
         return 1
     import jax
-    from transformers import FlaxEncoderDecoderModel  # noqa: F401  (fails without flax)
+    from transformers import FlaxEncoderDecoderModel  # noqa: F401,E402  (fails without flax)
     import optax  # noqa: F401
     info = _machine.versions("transformers", "jax", "jaxlib", "flax", "optax", "numpy")
     info.update(backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, executable=sys.executable)

@@ -49,7 +49,7 @@ if _BENCH_DIR not in sys.path:  # `bertgen bench` runs this file with runpy, whi
     sys.path.insert(0, _BENCH_DIR)
 import _machine  # noqa: E402  (bench/: machine helpers shared by the benchmark scripts)
 import bench_flax457  # noqa: E402  (imports nothing heavy at module level)
-from _workload import (CASES, DECODER_START, EOS, FIRST_SOURCE_ID, PAD, PRESETS, Case, Shape,  # noqa: E402,F401
+from _workload import (CASES, DECODER_START, EOS, PAD, PRESETS, Shape,  # noqa: E402
                        add_shape_args, apply_shape_args, make_inputs, shape_flags)
 
 import jax  # noqa: E402
@@ -131,6 +131,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="auto: CUDA for torch and jax's default backend when available, else the CPU")
     p.add_argument("--engines", choices=("both", "torch", "ours"), default="both",
                    help="time one engine only (e.g. to check that the two do not disturb each other)")
+    p.add_argument("--decoder", choices=("unrolled", "stored"), default="unrolled",
+                   help="our decode steps with the decoder layers unrolled (default) or run as stored, under nn.scan "
+                        "(generate(unroll_decoder=False)): a shorter compile, slower steps")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the weights; numpy seed for inputs")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--flax457", default="auto", metavar="auto|off|PYTHON",
@@ -255,7 +258,7 @@ def run_case(key: str, args: argparse.Namespace, reference: Any, ours: Any, torc
     retraced = False
     if args.engines in ("both", "ours"):
         def call_ours() -> np.ndarray:
-            out = ours.generate(ids, mask, return_scores=False, **kwargs)
+            out = ours.generate(ids, mask, return_scores=False, unroll_decoder=args.decoder == "unrolled", **kwargs)
             return np.asarray(jax.block_until_ready(out))
 
         traces = generation.TRACE_COUNTS["seq2seq"]
@@ -360,7 +363,7 @@ def environment(args: argparse.Namespace, torch_device: str, backend: str, threa
         date=_machine.now_iso(),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         preset=args.preset, shape=dataclasses.asdict(args.shape), dtype=args.dtype, runs=args.runs,
-        warmup=args.warmup, seed=args.seed, engines=args.engines,
+        warmup=args.warmup, seed=args.seed, engines=args.engines, decoder=args.decoder,
         versions=_machine.versions("jax", "jaxlib", "torch", "transformers", "numpy"),
         cpu=_machine.cpu_name(), usable_cores=threads,
         torch_device=torch_device,

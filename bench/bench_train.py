@@ -136,6 +136,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--layers", choices=("scanned", "unrolled"), default="scanned",
                    help="our layer stacks under nn.scan (the default everywhere: one compiled layer) or unrolled "
                         "(model.scan_layers=false in a training config: longer compiles, a faster step on a CPU)")
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
+                   help="our layers' activations recomputed in the backward pass (model.remat in a training "
+                        "config): less memory, more compute")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the weights; numpy seed for the batch")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -256,11 +259,11 @@ class TorchEngine:
 class OurEngine:
     """bertgen_flax's jitted ``make_train_step`` (donates the state) with ``make_optimizer('adamw', ...)``."""
 
-    def __init__(self, model: bertgen_flax.EncoderDecoderModel, batch: dict[str, np.ndarray]) -> None:
+    def __init__(self, model: bertgen_flax.EncoderDecoderModel, batch: dict[str, np.ndarray], remat: str) -> None:
         self.tx = make_optimizer("adamw", LR, weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1], eps=EPS,
                                  clip_norm=None)
         self.state = create_state(model.params, self.tx, jax.random.PRNGKey(0))
-        self.train_step = make_train_step(model.module, self.tx)
+        self.train_step = make_train_step(model.module.clone(remat=remat), self.tx)
         self.batch = {k: jax.device_put(jnp.asarray(v, jnp.int32)) for k, v in batch.items()}
 
     def step(self) -> float:
@@ -366,7 +369,7 @@ def environment(args: argparse.Namespace, torch_device: str, backend: str, threa
         date=_machine.now_iso(),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         preset=args.preset, shape=dataclasses.asdict(args.shape), dtype=args.dtype, runs=args.runs,
-        warmup=args.warmup, seed=args.seed, engines=args.engines, layers=args.layers,
+        warmup=args.warmup, seed=args.seed, engines=args.engines, layers=args.layers, remat=args.remat,
         optimizer=dict(name="AdamW", lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                        no_decay="biases and LayerNorm weights", clip_norm=None),
         versions=_machine.versions("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy"),
@@ -449,7 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.engines in ("both", "ours"):
         print("- ours ...", flush=True)
-        engine_o = OurEngine(ours, batch)
+        engine_o = OurEngine(ours, batch, args.remat)
         ours.params = None  # the state holds its own copy; drop the model's to free device memory
         ours_r, got = measure(engine_o, "bertgen_flax", args.warmup, args.runs,
                               lambda: checked_ours(engine_o.state.params if args.layers == "scanned"

@@ -61,8 +61,8 @@ def load_json(path: str) -> Optional[Any]:
 def load_run(run_dir: str) -> dict[str, Any]:
     """The manifest and every step's JSON (None where missing)."""
     run = {"manifest": load_json(os.path.join(run_dir, "manifest.json")) or {}}
-    for name in ("generate-bf16", "generate-bf16-cached", "generate-fp32", "generate-fp32-cached", "train-bf16",
-                 "train-bf16-cached", "flax457", "flax457-cached", "quant"):
+    for name in ("generate-bf16", "generate-bf16-cached", "generate-bf16-stored", "generate-fp32",
+                 "generate-fp32-cached", "train-bf16", "train-bf16-cached", "flax457", "flax457-cached", "quant"):
         run[name] = load_json(os.path.join(run_dir, f"{name}.json"))
     return run
 
@@ -194,6 +194,20 @@ def generate_table(payload: Optional[dict], flax: Optional[dict]) -> str:
                      f"{fmt(_get(o, 'tokens_per_s'), ',.0f')} | {fmt(_get(f, 'tokens_per_s'), ',.0f')} | "
                      f"{fmt(_get(o, 'first_call_s'), '.1f')} | {fmt(_get(o, 'compile_s'), '.1f')} | "
                      f"{'-' if speed is None else f'{speed:.2f}x'} | {r.get('identity', '-')} |")
+    return "\n".join(lines)
+
+
+def stored_table(run: dict[str, Any]) -> str:
+    """Our decoder unrolled in the decode steps (the default) against run as stored (``--decoder stored``)."""
+    unrolled, stored = run["generate-bf16"], run["generate-bf16-stored"]
+    if stored is None:
+        return "not measured."
+    lines = ["| case | unrolled ms/step | as stored ms/step | unrolled first call s | as stored first call s |",
+             "|---|---|---|---|---|"]
+    for r in (stored or {}).get("results", []):
+        u, st = gen_case(unrolled, r.get("case"), "ours"), r.get("ours")
+        lines.append(f"| {r.get('label')} | {fmt(_get(u, 'ms_per_step'), '.2f')} | {fmt(_get(st, 'ms_per_step'), '.2f')}"
+                     f" | {fmt(_get(u, 'first_call_s'), '.1f')} | {fmt(_get(st, 'first_call_s'), '.1f')} |")
     return "\n".join(lines)
 
 
@@ -329,6 +343,9 @@ def summary(run_dir: str) -> str:
             identity_line(run["generate-fp32"]), "",
             "### Training step, bfloat16 compute, float32 weights", "", train_table(run), "",
             "### First call and the persistent compilation cache", "", compile_table(run), "",
+            "### Decoder layers unrolled in the decode steps, or run as stored (nn.scan)", "",
+            "The as-stored run uses the compilation cache the steps before it filled with other programs, so its "
+            "first call is a cold compile of its own programs.", "", stored_table(run), "",
             "### Peak device memory", "", memory_table(run), "",
             "jax cannot reset its peak, so ours and 4.57 Flax show the peak of the process up to that case (cases "
             "run in the order listed); transformers' is reset per case.", "",

@@ -99,8 +99,10 @@ def encoder_rows(batch: int, src_len: int, tokens: int = ENCODER_CHUNK_TOKENS) -
 
 
 @functools.lru_cache(maxsize=64)
-def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, scores: bool, rows: int) -> Callable:
-    """The whole generate call for one bucket: ``rows`` sequences per encoder chunk, sequence scores or not."""
+def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, scores: bool, rows: int,
+                     unroll: bool = True) -> Callable:
+    """The whole generate call for one bucket: ``rows`` sequences per encoder chunk, sequence scores or not, the
+    decoder unrolled (``unroll``) or run as stored."""
     from .modeling import EncoderDecoderModule, empty_cache
     copies = _expand(spec)
 
@@ -117,7 +119,7 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
             enc = enc.reshape(batch, *enc.shape[2:])
         else:
             enc = encode((src, src_mask))
-        unrolled, dec_params = _unrolled(module, params)  # the decoder runs unrolled
+        unrolled, dec_params = _unrolled(module, params) if unroll else (module, params)
         n = batch * copies
         cache = empty_cache(unrolled, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
 
@@ -135,14 +137,14 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
 
 
 @functools.lru_cache(maxsize=64)
-def _causal_program(module: Any, spec: SearchSpec, batch: int, scores: bool) -> Callable:
+def _causal_program(module: Any, spec: SearchSpec, batch: int, scores: bool, unroll: bool = True) -> Callable:
     from .modeling import empty_cache
     copies = _expand(spec)
     scanned = module
 
     def program(params, prompt, prompt_mask, rng):
         TRACE_COUNTS["causal"] += 1
-        module, params = _unrolled(scanned, params)
+        module, params = _unrolled(scanned, params) if unroll else (scanned, params)
         n = batch * copies
         prompt = jnp.repeat(prompt, copies, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, copies, axis=0)
@@ -253,8 +255,11 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
                      config: GenerationConfig, *, decoder_input_ids: Optional[np.ndarray] = None,
                      rng: Optional[jax.Array] = None, seed: Optional[int] = None, return_scores: bool = False,
                      max_positions: Optional[int] = None, source_limit: Optional[int] = None,
-                     mesh: Optional[jax.sharding.Mesh] = None):
+                     mesh: Optional[jax.sharding.Mesh] = None, unroll_decoder: bool = True):
     """The pure functional entry point: (module, params, inputs, config) -> sequences [B * R, length].
+
+    ``unroll_decoder=False`` runs the decoder's layers as stored (under ``nn.scan`` for scanned params): a shorter
+    compile for deep decoders, slower steps (each step slices every layer's weights); the same tokens.
 
     With ``mesh`` (axes ``data`` and optionally ``model``) the batch is split over ``data`` and ``params`` should
     come from ``shard_params``; outputs equal the single-device ones.
@@ -276,7 +281,8 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
     src = _pad_cols(_pad_rows(input_ids, bb, pad), sb, pad)
     src_mask = _pad_cols(_pad_rows(mask, bb, 1), sb, 0)
     prompt = _pad_rows(prompt, bb, prompt[0, 0] if prompt.size else 0)
-    program = _seq2seq_program(module, spec, bb, sb, return_scores, encoder_rows(bb, sb) if mesh is None else bb)
+    program = _seq2seq_program(module, spec, bb, sb, return_scores, encoder_rows(bb, sb) if mesh is None else bb,
+                               unroll_decoder)
     src, src_mask, prompt = _shard_batch(mesh, src, src_mask, prompt)
     sequences, scores, lengths = program(params, src, src_mask, prompt, _rng(seed, rng))
     return _finish(spec, sequences, scores, lengths, b, return_scores)
@@ -285,8 +291,9 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
 def causal_generate(module: Any, params: Any, input_ids: np.ndarray, attention_mask: Optional[np.ndarray],
                     config: GenerationConfig, *, rng: Optional[jax.Array] = None, seed: Optional[int] = None,
                     return_scores: bool = False, max_positions: Optional[int] = None,
-                    mesh: Optional[jax.sharding.Mesh] = None):
-    """Decoder-only generation continuing left-padded prompts (prefilled in one pass)."""
+                    mesh: Optional[jax.sharding.Mesh] = None, unroll_decoder: bool = True):
+    """Decoder-only generation continuing left-padded prompts (prefilled in one pass); ``unroll_decoder`` as in
+    ``seq2seq_generate``."""
     _check_mesh(mesh)
     input_ids = np.asarray(input_ids, np.int32)
     b, p = input_ids.shape
@@ -300,7 +307,7 @@ def causal_generate(module: Any, params: Any, input_ids: np.ndarray, attention_m
     bb = _batch_bucket(b, mesh)
     prompt = _pad_rows(input_ids, bb, spec.pad_token_id)
     prompt_mask = _pad_rows(mask, bb, 1)
-    program = _causal_program(module, spec, bb, return_scores)
+    program = _causal_program(module, spec, bb, return_scores, unroll_decoder)
     prompt, prompt_mask = _shard_batch(mesh, prompt, prompt_mask)
     sequences, scores, lengths = program(params, prompt, prompt_mask, _rng(seed, rng))
     return _finish(spec, sequences, scores, lengths, b, return_scores)

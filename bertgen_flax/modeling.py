@@ -411,10 +411,21 @@ class Layer(nn.Module):
         return h, (h if self.output_hidden_states else None, self_probs, cross_probs)
 
 
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # keep every activation for the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input; recompute the rest
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the weight matmuls' outputs
+}
+
+
 class LayerStack(nn.Module):
-    """PyTorch's ``encoder``: L layers, scanned (``layer`` with a leading [L] axis) or unrolled (``layer_i``)."""
+    """PyTorch's ``encoder``: L layers, scanned (``layer`` with a leading [L] axis) or unrolled (``layer_i``).
+
+    ``remat`` (``REMAT_POLICIES``) trades compute for memory in training: the layers' activations are recomputed
+    in the backward pass instead of kept. It changes no parameter and no result."""
     config: BertGenerationConfig
     scan_layers: bool = True
+    remat: str = "none"
     causal: bool = False
     decode: bool = False
     deterministic: bool = True
@@ -430,8 +441,12 @@ class LayerStack(nn.Module):
                   output_attentions=self.output_attentions, output_hidden_states=self.output_hidden_states,
                   dtype=self.dtype, param_dtype=self.param_dtype)
         n = self.config.num_hidden_layers
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        layer = Layer if self.remat == "none" else nn.remat(Layer, policy=REMAT_POLICIES[self.remat],
+                                                             prevent_cse=not self.scan_layers)
         if self.scan_layers:
-            scanned = nn.scan(Layer, variable_axes={"params": 0, "cache": 0},
+            scanned = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=n)
             h, (hs, attn, cross) = scanned(name="layer", **kw)(h, mask, offset, encoder_states, encoder_mask,
@@ -440,7 +455,7 @@ class LayerStack(nn.Module):
             return h, unstack(hs), unstack(attn), unstack(cross)
         outs = []
         for i in range(n):
-            h, out = Layer(name=f"layer_{i}", **kw)(h, mask, offset, encoder_states, encoder_mask,
+            h, out = layer(name=f"layer_{i}", **kw)(h, mask, offset, encoder_states, encoder_mask,
                                                     None if head_mask is None else head_mask[i])
             outs.append(out)
         collect = lambda j: None if outs[0][j] is None else tuple(o[j] for o in outs)
@@ -451,6 +466,7 @@ class BertGenerationModule(nn.Module):
     """Embeddings + layer stack: transformers' ``BertGenerationEncoder`` (and the decoder's ``bert``)."""
     config: BertGenerationConfig
     scan_layers: bool = True
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -494,7 +510,7 @@ class BertGenerationModule(nn.Module):
                 head_mask = jnp.broadcast_to(head_mask, (cfg.num_hidden_layers, cfg.num_attention_heads))
 
         h = self.embeddings(input_ids, position_ids, inputs_embeds, deterministic=deterministic)  # [B, T, H]
-        stack = LayerStack(cfg, scan_layers=self.scan_layers, causal=causal, decode=decode,
+        stack = LayerStack(cfg, scan_layers=self.scan_layers, remat=self.remat, causal=causal, decode=decode,
                            deterministic=deterministic, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="encoder")
@@ -556,13 +572,14 @@ class BertGenerationDecoderModule(nn.Module):
     """``bert`` + ``lm_head``: transformers' ``BertGenerationDecoder`` (causal LM, cross-attention optional)."""
     config: BertGenerationConfig
     scan_layers: bool = True
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
         """The stack (named ``bert``, as in PyTorch) and the LM head."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.bert = BertGenerationModule(self.config, scan_layers=self.scan_layers, **kw)
+        self.bert = BertGenerationModule(self.config, scan_layers=self.scan_layers, remat=self.remat, **kw)
         self.lm_head = LMHead(self.config, **kw)
 
     def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
@@ -591,12 +608,14 @@ class EncoderDecoderModule(nn.Module):
     """
     config: EncoderDecoderConfig
     scan_layers: bool = True
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
         """Encoder (absent when tied), optional enc_to_dec_proj, and the decoder."""
-        cfg, kw = self.config, dict(scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, dict(scan_layers=self.scan_layers, remat=self.remat, dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
         self.decoder = BertGenerationDecoderModule(cfg.decoder, **kw)
         if not cfg.tie_encoder_decoder:
             self.encoder = BertGenerationModule(cfg.encoder, **kw)

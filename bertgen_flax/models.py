@@ -481,18 +481,20 @@ class BertGenerationDecoder(PretrainedModel):
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, seed: Optional[int] = None,
                  rng: Optional[jax.Array] = None, return_scores: bool = False,
-                 mesh: Optional[jax.sharding.Mesh] = None, **knobs: Any):
+                 mesh: Optional[jax.sharding.Mesh] = None, unroll_decoder: bool = True, **knobs: Any):
         """Continues left-padded prompts as a causal LM (``transformers`` ``generate`` semantics).
 
         Returns sequences [batch * num_return_sequences, length], prompt included, and the sequence scores
         with ``return_scores=True``. Knobs are ``GenerationConfig`` fields; defaults come from the checkpoint.
+        ``unroll_decoder=False``: a shorter compile, slower steps (see ``generation.seq2seq_generate``).
         """
         from .generation import causal_generate
         cfg = self.config
         ids = _ids(input_ids, "input_ids", cfg.vocab_size, cfg.max_position_embeddings)
         gen = self.generation_defaults().merged(**knobs)
         return causal_generate(self.module, self._params_for(mesh), ids, attention_mask, gen, rng=rng, seed=seed,
-                               return_scores=return_scores, max_positions=cfg.max_position_embeddings, mesh=mesh)
+                               return_scores=return_scores, max_positions=cfg.max_position_embeddings, mesh=mesh,
+                               unroll_decoder=unroll_decoder)
 
 
 def _cache_length(cache: Mapping) -> int:
@@ -643,13 +645,15 @@ class EncoderDecoderModel(PretrainedModel):
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, decoder_input_ids: Any = None,
                  seed: Optional[int] = None, rng: Optional[jax.Array] = None, return_scores: bool = False,
-                 mesh: Optional[jax.sharding.Mesh] = None, **knobs: Any):
+                 mesh: Optional[jax.sharding.Mesh] = None, unroll_decoder: bool = True, **knobs: Any):
         """Batch generation in one compiled program (``transformers`` ``generate`` semantics).
 
         Returns sequences [batch * num_return_sequences, length] starting with the decoder start token, padded
         after EOS, and the sequence scores with ``return_scores=True``. Knobs are ``GenerationConfig`` fields
         (``max_new_tokens``, ``num_beams``, ``do_sample``, ...); defaults come from the checkpoint. With ``mesh``
         (axes ``data`` and optionally ``model``) the batch and parameters are sharded over its devices.
+        ``unroll_decoder=False`` runs the decoder layers as stored: a shorter compile for deep decoders, slower
+        steps, the same tokens.
         """
         from .generation import seq2seq_generate
         enc, dec = self.config.encoder, self.config.decoder
@@ -661,7 +665,7 @@ class EncoderDecoderModel(PretrainedModel):
         return seq2seq_generate(self.module, self._params_for(mesh), ids, attention_mask, gen,
                                 decoder_input_ids=prompt, rng=rng, seed=seed, return_scores=return_scores,
                                 max_positions=dec.max_position_embeddings,
-                                source_limit=enc.max_position_embeddings, mesh=mesh)
+                                source_limit=enc.max_position_embeddings, mesh=mesh, unroll_decoder=unroll_decoder)
 
     def encode(self, input_ids: Any, attention_mask: Any = None) -> StackOutput:
         """Encoder states of the source (``last_hidden_state`` [B, S, H])."""

@@ -92,6 +92,18 @@ def test_seq2seq_generation_equals_transformers(seq2seq, case):
     _assert_same(_reference(ref, ids, mask, **kw), ours.generate(ids, mask, **kw))
 
 
+@pytest.mark.parametrize("case", ["greedy_min_new_tokens", "beam4_return3_lp06"])
+def test_the_decoder_run_as_stored_not_unrolled_generates_what_transformers_does(seq2seq, decoder, case):
+    ref, ours = seq2seq
+    ids, mask = _source()
+    kw = SEQ2SEQ_CASES[case]
+    _assert_same(_reference(ref, ids, mask, **kw), ours.generate(ids, mask, unroll_decoder=False, **kw))
+    ref_dec, ours_dec = decoder
+    prompt = np.random.default_rng(0).integers(3, TINY["vocab_size"], (2, 5))
+    _assert_same(_reference(ref_dec, prompt, np.ones_like(prompt), max_new_tokens=8),
+                 ours_dec.generate(prompt, np.ones_like(prompt), max_new_tokens=8, unroll_decoder=False))
+
+
 def test_the_fixture_model_stops_some_rows_early(seq2seq):
     ref, _ = seq2seq
     ids, mask = _source()

@@ -278,6 +278,7 @@ def test_two_processes_through_jax_distributed_train_like_one(tmp_path):
     (["run.steps=-3"], "run.steps must be >= 1"),
     (["data.batch_size=\"big\""], "data.batch_size must be an integer"),
     (["model.init=bert2bert"], "needs model.pretrained"),
+    (["model.remat=\"some\""], "model.remat must be 'none', 'full' or 'dots'"),
     (["model.init=checkpoint", "model.checkpoint=/no/such/dir", "model.config={}", "model.tokenizer="],
      "checkpoint directory not found"),
 ])

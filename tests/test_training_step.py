@@ -57,6 +57,34 @@ def test_gradients_equal_transformers_pytorch_gradients(pair):
     assert worst <= 1e-5 * max(1.0, scale), (worst, scale)
 
 
+@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_rematerialised_layers_give_transformers_gradients_too(pair, tmp_path, remat, scan_layers):
+    ref, ours = pair
+    if not scan_layers:
+        ours.save_pretrained(str(tmp_path / "m"))
+        ours = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "m"), scan_layers=False)
+    module = ours.module.clone(remat=remat)
+    batch = _batch(1)
+    ref.zero_grad()
+    ref(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+        labels=torch.tensor(batch["labels"])).loss.backward()
+    want = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
+    grads = jax.grad(lambda p: token_loss(seq2seq_logits(module, p, batch), jnp.asarray(batch["labels"]))[0])(
+        ours.params)
+    tree = jax.tree_util.tree_map(np.asarray, grads)
+    got = convert.flax_to_torch(tree if scan_layers else convert.stack_layers(tree), convert.ENCODER_DECODER,
+                                ours.config)
+    scale = max(float(np.abs(g).max()) for g in want.values())
+    assert max(float(np.abs(got[k] - g).max()) for k, g in want.items()) <= 1e-5 * max(1.0, scale)
+
+
+def test_an_unknown_remat_policy_is_named(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="unknown remat policy 'some'"):
+        seq2seq_logits(ours.module.clone(remat="some"), ours.params, _batch())
+
+
 def test_label_smoothing_equals_torch_cross_entropy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 5, 11)).astype(np.float32)

@@ -50,6 +50,7 @@ class ModelSection:
     config: Mapping[str, Any] = field(default_factory=dict)  # BertGenerationConfig fields for rnd2rnd from scratch
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
     scan_layers: bool = True
+    remat: str = "none"  # recompute layer activations in the backward pass: "none", "full" or "dots"
     dropout: Optional[float] = None  # overrides hidden and attention dropout when set
     seed: int = 0  # random init of fresh weights (cross-attention, random stacks)
     trim_vocabulary: bool = False  # keep only the pretrained vocabulary's tokens the training data uses
@@ -227,6 +228,8 @@ class TrainConfig:
                                    "model.tokenizer empty")
         if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
             raise TrainConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if m.remat not in ("none", "full", "dots"):
+            raise TrainConfigError(f"model.remat must be 'none', 'full' or 'dots', got {m.remat!r}")
         if d.synthetic:
             _choice("data.synthetic", d.synthetic, SYNTHETIC_TASKS)
             if d.train or d.eval:
