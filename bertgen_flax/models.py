@@ -144,7 +144,7 @@ class PretrainedModel:
             raise ValueError(f"this model is already quantized ({self.quantization})")
         model = type(self)(self.config, params={}, dtype=self.dtype, param_dtype=self.param_dtype,
                            scan_layers=self.scan_layers, generation_config=self.generation_config)
-        model.params = jax.jit(lambda p: quantization.quantize_params(p, mode, group_size))(self.params)
+        model.params = quantization.quantize_params(self.params, mode, group_size)
         model.quantization = mode
         return model
 

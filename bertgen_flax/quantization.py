@@ -72,13 +72,18 @@ def quantize_int4(w: Array, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[Array
         return jnp.sum(jnp.square(rounded(scale) * scale[..., None, :] - grouped), axis=-2)
 
     # Clip each group where the squared rounding error is smallest: with only 15 levels, spending them on the
-    # bulk of the weights beats stretching them to the single largest one.
-    scale = absmax / 7.0
-    best = error(scale)
-    for ratio in CLIP_RATIOS:
-        candidate = absmax * ratio / 7.0
+    # bulk of the weights beats stretching them to the single largest one. A loop, not unrolled candidates, so
+    # only one candidate's rounded copy of the kernel exists at a time.
+    ratios = jnp.asarray(CLIP_RATIOS, jnp.float32)
+
+    def try_ratio(i, carry):
+        scale, best = carry
+        candidate = absmax * ratios[i] / 7.0
         err = error(candidate)
-        scale, best = jnp.where(err < best, candidate, scale), jnp.minimum(err, best)
+        return jnp.where(err < best, candidate, scale), jnp.minimum(err, best)
+
+    scale = absmax / 7.0
+    scale, _ = jax.lax.fori_loop(0, len(CLIP_RATIOS), try_ratio, (scale, error(scale)))
     q = rounded(scale).astype(jnp.int32) + 8
     pairs = q.reshape(*lead, n_in // 2, 2, n_out)
     packed = (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).astype(jnp.uint8)          # [..., in/2, out]
@@ -144,8 +149,15 @@ def _is_dense(node: Mapping) -> bool:
     return k is not None and not isinstance(k, Mapping) and getattr(k, "ndim", 0) >= 2
 
 
+_int8 = jax.jit(quantize_int8, static_argnames="axis")
+_int4 = jax.jit(quantize_int4, static_argnames="group_size")
+
+
 def quantize_params(params: Mapping, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
-    """A quantized copy of a float parameter tree (scanned or unrolled); see the module docstring for the form."""
+    """A quantized copy of a float parameter tree (scanned or unrolled); see the module docstring for the form.
+
+    Matrix by matrix, each in its own compiled call: the working memory is that of the largest matrix, not of
+    the whole model (one program over a 0.8-billion-weight tree asked for 34 GB)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}: choose one of {', '.join(MODES)}")
     if is_quantized(params):
@@ -155,11 +167,11 @@ def quantize_params(params: Mapping, mode: str, group_size: int = DEFAULT_GROUP_
         out = {}
         if _is_dense(node):
             if mode == "int8" or node["kernel"].shape[-2] % 2:  # an odd input width cannot pack: int8 instead
-                out["qkernel"], out["qscale"] = quantize_int8(node["kernel"])
+                out["qkernel"], out["qscale"] = _int8(node["kernel"])
             else:
-                out["qkernel"], out["qscale"] = quantize_int4(node["kernel"], group_size)
+                out["qkernel"], out["qscale"] = _int4(node["kernel"], group_size=group_size)
         elif name == "word_embeddings" and "embedding" in node:
-            out["qembedding"], out["qscale"] = quantize_int8(node["embedding"], axis=-1)
+            out["qembedding"], out["qscale"] = _int8(node["embedding"], axis=-1)
         for key, value in node.items():
             if key in ("kernel", "embedding") and ("qkernel" in out or "qembedding" in out):
                 continue
