@@ -1,19 +1,26 @@
 """Three engines, one process each: bertgen_flax, transformers (PyTorch) and CTranslate2 on the same bert2bert.
 
-The parent builds the random bert2bert of ``bench_generate.py``'s small preset (same seed, same weights, same
-ragged inputs), saves it for transformers and bertgen_flax, converts it to CTranslate2 (float32 weights; the int8
-row quantises them when the model loads), and then starts one fresh Python process per (engine, case). A worker
-imports only its own engine (torch and CTranslate2 each bundle an OpenMP runtime and slow each other down in one
-process), loads the model, makes the first call (for us: tracing and compiling), ``--warmup - 1`` more untimed
-calls and ``--runs`` timed calls, and reports the median, the first call, its peak resident memory and how much
-CPU other processes used meanwhile.
+The parent builds a random bert2bert of ``bench_generate.py``'s shape (``--preset small``, the default; or
+``--preset l24``: the L-24 model with the CPU anchors' source 64 and 32 new tokens; the shape flags override any
+field), with the same seed, weights and ragged inputs. It saves it for transformers and bertgen_flax, converts it to
+CTranslate2 (float32 weights; the int8 rows quantise them when the model loads), and then starts one fresh Python
+process per (engine, case). A worker imports only its own engine (torch and CTranslate2 each bundle an OpenMP
+runtime and slow each other down in one process), loads the model, makes the first call (for us: tracing and
+compiling), ``--warmup - 1`` more untimed calls and ``--runs`` timed calls, and reports the median, the first
+call, its peak resident memory and how much CPU other processes used meanwhile.
+
+CTranslate2 chooses its CPU GEMM backend by itself: Intel MKL on an Intel processor, oneDNN elsewhere. The two
+differ a lot on some machines (on a 2-core Intel Xeon, MKL with 2 threads was 10x slower than oneDNN at batch 1),
+so ``ct2-float32`` is CTranslate2 as a user gets it, and ``ct2-float32-dnnl`` / ``ct2-float32-mkl`` force one
+backend (``CT2_USE_MKL=0`` / ``1``). ``--ct2-threads 2,1`` times each CTranslate2 engine with each thread count.
+Our ratio is taken against the fastest CTranslate2 float32 configuration of the case, whichever it is.
 
     ms/step     = median call / new tokens              (encoder pass included, as in bench_generate.py)
     first s     = the first call in a fresh process     (ours: tracing + compiling, unless the cache has it)
     peak MB     = peak resident memory of the worker (VmHWM: model, inputs, runtime and the calls together);
                   in brackets the peak after loading the model, before the first call
-    ours/CT2    = our ms/step / CTranslate2 float32 ms/step  (below 1: we are faster)
-    ours/tf     = our ms/step / transformers' ms/step        (below 1: we are faster)
+    ours/CT2    = our ms/step / the fastest CTranslate2 float32 ms/step  (below 1: we are faster)
+    ours/tf     = our ms/step / transformers' ms/step                    (below 1: we are faster)
 
 Identity: transformers' tokens are the reference. Ours must equal them in every case (exit status 1 otherwise).
 CTranslate2 float32 must equal them in the greedy cases (exit status 1 otherwise). With beams and a forced length
@@ -27,13 +34,15 @@ With ``--compilation-cache DIR`` two more processes per case run ours against JA
 cache in DIR (emptied first): the first fills it, the second starts with it filled, which is what a user's second
 run sees.
 
-    .venv/bin/python bench/bench_ct2.py                                   # all engines, all cases
-    .venv/bin/python bench/bench_ct2.py --cases b1,b32 --engines ours,ct2-float32 --runs 9
+    .venv/bin/python bench/bench_ct2.py                                   # small preset, default engines and cases
+    .venv/bin/python bench/bench_ct2.py --preset l24 --runs 3             # L-24, batch 1 and 8
+    .venv/bin/python bench/bench_ct2.py --cases b1,b32 --engines ours,ct2-float32-dnnl --ct2-threads 2,1
     .venv/bin/python bench/bench_ct2.py --engines ours --compilation-cache /tmp/bertgen_xla_cache
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -52,9 +61,17 @@ if _BENCH_DIR not in sys.path:  # `bertgen bench` runs this file with runpy, whi
     sys.path.insert(0, _BENCH_DIR)
 import _machine  # noqa: E402  (bench/: machine helpers shared by the benchmark scripts)
 
-ENGINES = ("ours", "transformers", "ct2-float32", "ct2-int8")
-OPTIONAL_ENGINES = ("ours-unrolled",)  # ours loaded with scan_layers=False: no per-call slicing of stacked layers
-CASES = {"b1": (1, 1), "b32": (32, 1), "b128": (128, 1), "b32-beam4": (32, 4)}  # key: (batch, beams)
+from _workload import PRESETS, add_shape_args, apply_shape_args  # noqa: E402
+
+ENGINES = ("ours", "transformers", "ct2-float32", "ct2-float32-dnnl", "ct2-int8")
+OPTIONAL_ENGINES = ("ours-unrolled", "ct2-float32-mkl", "ct2-int8-dnnl", "ct2-int8-mkl")
+# CTranslate2 picks its CPU GEMM backend itself (Intel MKL on Intel processors, oneDNN elsewhere); the suffixes
+# force one through its CT2_USE_MKL switch, so that we compare with its fastest configuration on this machine.
+CT2_BACKENDS = {"dnnl": "0", "mkl": "1"}
+CASES = {"b1": (1, 1), "b8": (8, 1), "b32": (32, 1), "b128": (128, 1), "b32-beam4": (32, 4)}  # key: (batch, beams)
+DEFAULT_CASES = {"small": "b1,b32,b128,b32-beam4", "l24": "b1,b8"}
+# The CPU anchors' L-24 workload (ct2_baseline.py bench-l24): source 64 ragged, 32 new tokens, not the GPU preset's
+L24_CPU = dict(source=64, new_tokens=32)
 NOISY_CORES = _machine.NOISY_CORES
 
 
@@ -99,7 +116,7 @@ def _transformers(job: dict[str, Any], ids: np.ndarray, mask: np.ndarray):
 
 def _ctranslate2(job: dict[str, Any], ids: np.ndarray, mask: np.ndarray):
     import ctranslate2
-    compute_type = job["engine"].split("-", 1)[1]
+    compute_type = job["engine"].split("-")[1]
     translator = ctranslate2.Translator(job["ct2_dir"], device="cpu", compute_type=compute_type, inter_threads=1,
                                         intra_threads=job["threads"])
     names = vocabulary(job["vocab"])
@@ -220,6 +237,10 @@ def run_worker(job: dict[str, Any], workdir: str, tag: str) -> dict[str, Any]:
     with open(job_path, "w", encoding="utf-8") as f:
         json.dump(job, f)
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")  # numpy's BLAS pool is idle here; keep it from spinning
+    backend = job["engine"].split("-")[2] if job["engine"].startswith("ct2-") and job["engine"].count("-") == 2 \
+        else None
+    if backend:
+        env["CT2_USE_MKL"] = CT2_BACKENDS[backend]
     subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", job_path, out_path], check=True, env=env)
     with open(out_path, encoding="utf-8") as f:
         return json.load(f)
@@ -235,26 +256,61 @@ def same_rows(want: list, got: list) -> str:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(CASES), help=f"subset of {', '.join(CASES)}")
+    p.add_argument("--preset", choices=sorted(DEFAULT_CASES), default="small",
+                   help="small (default) or l24: the L-24 model with the CPU anchors' source 64 / 32 new tokens")
+    add_shape_args(p, type(PRESETS["small"]))
+    p.add_argument("--cases", help=f"subset of {', '.join(CASES)} (default: {DEFAULT_CASES['small']} for small, "
+                                   f"{DEFAULT_CASES['l24']} for l24)")
     p.add_argument("--engines", default=",".join(ENGINES),
-                   help=f"from {', '.join(ENGINES + OPTIONAL_ENGINES)} (default: the first four)")
+                   help=f"from {', '.join(ENGINES + OPTIONAL_ENGINES)} (default: {', '.join(ENGINES)})")
     p.add_argument("--runs", type=int, default=5, help="timed calls per process (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls, the first included (>= 1)")
     p.add_argument("--threads", type=int, default=2, help="torch and CTranslate2 threads (XLA: the affinity mask)")
+    p.add_argument("--ct2-threads", default=None, metavar="N,M",
+                   help="CTranslate2 intra_threads settings to time, each in its own process (default: --threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compilation-cache", metavar="DIR",
                    help="also time our first call in two fresh processes sharing JAX's compilation cache in DIR")
     p.add_argument("--json", metavar="PATH", help="also write every number as JSON")
     p.add_argument("--worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.case_keys = [c for c in args.cases.split(",") if c]
+    if args.worker:
+        return args
+    preset = PRESETS[args.preset]
+    if args.preset == "l24":
+        preset = dataclasses.replace(preset, **L24_CPU)
+    args.shape = apply_shape_args(args, preset)
+    args.case_keys = [c for c in (args.cases or DEFAULT_CASES[args.preset]).split(",") if c]
     args.engine_keys = [e for e in args.engines.split(",") if e]
     if any(c not in CASES for c in args.case_keys) or any(e not in ENGINES + OPTIONAL_ENGINES
                                                            for e in args.engine_keys):
         p.error(f"--cases from {', '.join(CASES)}; --engines from {', '.join(ENGINES + OPTIONAL_ENGINES)}")
     if args.runs < 1 or args.warmup < 1:
         p.error("--runs and --warmup must be >= 1")
+    try:
+        args.ct2_thread_counts = [int(t) for t in (args.ct2_threads or str(args.threads)).split(",") if t]
+    except ValueError:
+        p.error(f"--ct2-threads takes comma-separated integers, got {args.ct2_threads!r}")
+    if not args.ct2_thread_counts or min(args.ct2_thread_counts) < 1:
+        p.error("--ct2-threads needs at least one count >= 1")
     return args
+
+
+def engine_runs(args: argparse.Namespace, job: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, job) per process: each engine once, CTranslate2 once per thread count (labelled " tN" where N
+    differs from --threads), and ours twice more against the compilation cache when asked."""
+    runs = []
+    for engine in args.engine_keys:
+        if engine.startswith("ct2"):
+            for n in args.ct2_thread_counts:
+                runs.append((engine if n == args.threads else f"{engine} t{n}", dict(job, engine=engine, threads=n)))
+        else:
+            runs.append((engine, dict(job, engine=engine)))
+    if args.compilation_cache and "ours" in args.engine_keys:
+        shutil.rmtree(args.compilation_cache, ignore_errors=True)
+        cached = dict(job, engine="ours", compilation_cache=args.compilation_cache)
+        runs += [("ours, cache empty", cached), ("ours, cache filled", cached)]
+    return runs
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -262,9 +318,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.worker:
         worker(*args.worker)
         return 0
-    import bench_generate as bg  # the small preset, its model builder and its inputs
+    import bench_generate as bg  # the model builder and the ragged inputs
 
-    shape = bg.PRESETS["small"]
+    shape = args.shape
     print(f"{datetime.date.today()}  {_machine.cpu_name('unknown')}, {os.cpu_count()} cores, threads {args.threads}; "
           f"load average {os.getloadavg()}", flush=True)
     results: list[dict[str, Any]] = []
@@ -276,8 +332,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             convert_to_ct2(model, ct2_dir)
         params = sum(p.numel() for p in model.parameters())
         del model
-        print(f"small preset: {params:,} parameters, source {shape.source} ragged, {shape.new_tokens} new tokens "
-              f"forced, float32", flush=True)
+        print(f"{args.preset} preset: {params:,} parameters, hidden {shape.hidden}, {shape.encoder_layers}+"
+              f"{shape.decoder_layers} layers, vocab {shape.vocab}, source {shape.source} ragged, "
+              f"{shape.new_tokens} new tokens forced, float32", flush=True)
         for case in args.case_keys:
             batch, beams = CASES[case]
             ids, mask = bg.make_inputs(batch, shape.source, shape.vocab, args.seed)
@@ -286,43 +343,45 @@ def main(argv: Optional[list[str]] = None) -> int:
             job = dict(case=case, inputs=inputs, hf_dir=hf_dir, ct2_dir=ct2_dir, threads=args.threads,
                        runs=args.runs, warmup=args.warmup, vocab=shape.vocab, new_tokens=shape.new_tokens,
                        beams=beams, start_id=bg.DECODER_START, kwargs=bg.generate_kwargs(shape, beams))
-            runs = [(engine, dict(job, engine=engine)) for engine in args.engine_keys]
-            if args.compilation_cache and "ours" in args.engine_keys:
-                shutil.rmtree(args.compilation_cache, ignore_errors=True)
-                cached = dict(job, engine="ours", compilation_cache=args.compilation_cache)
-                runs += [("ours, cache empty", cached), ("ours, cache filled", cached)]
-            for label, j in runs:
+            for label, j in engine_runs(args, job):
                 r = run_worker(j, work, f"{case}_{len(results)}")
                 r["label"], r["batch"], r["beams"] = label, batch, beams
                 results.append(r)
                 others = "" if r["other_cores"] is None else f", other processes {r['other_cores']:.2f} cores"
-                print(f"  {case:10s} {label:20s} {1000 * r['median_s'] / shape.new_tokens:8.2f} ms/step  first "
+                print(f"  {case:10s} {label:24s} {1000 * r['median_s'] / shape.new_tokens:8.2f} ms/step  first "
                       f"{r['first_s']:6.2f} s  peak {r['peak_rss_mb']:7.0f} MB  runs "
                       f"[{', '.join(f'{t:.3f}' for t in r['runs_s'])}]{others}", flush=True)
     return report(args, shape, results)
+
+
+def best_ct2_float32(ms: dict[str, float]) -> Optional[str]:
+    """The label of the fastest CTranslate2 float32 configuration timed (any backend, any thread count)."""
+    ct2 = [k for k in ms if k.startswith("ct2-float32")]
+    return min(ct2, key=ms.get) if ct2 else None
 
 
 def report(args: argparse.Namespace, shape: Any, results: list[dict[str, Any]]) -> int:
     n = shape.new_tokens
     failed = []
     lines = ["| case | engine | ms/step | tok/s | first call s | peak RSS MB (after load) "
-             "| same tokens as transformers | ours/CT2 f32 | ours/transformers |", "|" + "---|" * 9]
+             "| same tokens as transformers | ours / fastest CT2 float32 | ours/transformers |", "|" + "---|" * 9]
     for case in args.case_keys:
         rows = {r["label"]: r for r in results if r["case"] == case}
         ref = rows.get("transformers")
         ms = {k: 1000 * r["median_s"] / n for k, r in rows.items()}
+        best = best_ct2_float32(ms)
         for label, r in rows.items():
             same = "-"
             if ref is not None and label != "transformers":
                 same = same_rows(ref["tokens"], r["tokens"])
                 exact = same == f"{len(ref['tokens'])}/{len(ref['tokens'])}"
-                enforced = label.startswith("ours") or (label == "ct2-float32" and r["beams"] == 1)
+                enforced = label.startswith("ours") or (label.startswith("ct2-float32") and r["beams"] == 1)
                 if enforced and not exact:
                     failed.append(f"{case} {label}: {same}")
             ratio_ct2 = ratio_tf = "-"
-            if label in ("ours", "ours-unrolled"):
-                if "ct2-float32" in ms:
-                    ratio_ct2 = f"{ms[label] / ms['ct2-float32']:.2f}"
+            if label.startswith("ours"):
+                if best is not None:
+                    ratio_ct2 = f"{ms[label] / ms[best]:.2f} ({best})"
                 if "transformers" in ms:
                     ratio_tf = f"{ms[label] / ms['transformers']:.2f}"
             lines.append(f"| {case} | {label} | {ms[label]:.2f} | {r['batch'] * n / r['median_s']:,.0f} | "
@@ -341,7 +400,7 @@ def report(args: argparse.Namespace, shape: Any, results: list[dict[str, Any]]) 
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                            cpu=_machine.cpu_name("unknown"), command=" ".join(sys.argv), threads=args.threads,
-                           shape=shape.__dict__, results=slim), f, indent=2)
+                           preset=args.preset, shape=shape.__dict__, results=slim), f, indent=2)
     if failed:
         print("FAIL: tokens differ from transformers: " + "; ".join(failed), file=sys.stderr)
         return 1

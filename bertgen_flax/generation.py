@@ -82,6 +82,23 @@ def _unrolled(module: Any, params: Any) -> tuple[Any, Any]:
     return module.clone(scan_layers=False), unstack_layers(params)
 
 
+def _prefill(run_stored: Callable, unstack: bool) -> Callable:
+    """The prompt pass through the decoder as stored (scanned layers: one layer traced, not L), its cache then
+    unstacked to the unrolled steps' layout when they differ (a copy of the cache once per call).
+
+    The prompt pass runs once per call, so the per-layer weight slices of a scan cost little there, while tracing
+    the unrolled decoder a second time, only for it, roughly doubled the decode program's compile time.
+    """
+    if not unstack:
+        return run_stored
+    from .convert import unstack_layers
+
+    def prefill(cache, tokens):
+        logits, cache = run_stored(cache, tokens)
+        return logits, unstack_layers(cache)
+    return prefill
+
+
 ENCODER_CHUNK_TOKENS = 1024
 
 
@@ -121,15 +138,16 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
             enc = encode((src, src_mask))
         unrolled, dec_params = _unrolled(module, params) if unroll else (module, params)
         n = batch * copies
-        cache = empty_cache(unrolled, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
 
-        def run(cache, tokens, states):
-            out, variables = unrolled.apply({"params": dec_params, "cache": cache}, tokens, states, src_mask,
-                                            decode=True, method=EncoderDecoderModule.decode, mutable=["cache"])
+        def run(mod, p, cache, tokens, states):
+            out, variables = mod.apply({"params": p, "cache": cache}, tokens, states, src_mask, decode=True,
+                                       method=EncoderDecoderModule.decode, mutable=["cache"])
             return out.logits[:, -1].astype(jnp.float32), variables["cache"]
 
-        prefill = lambda cache, tokens: run(cache, tokens, enc)
-        step = lambda cache, tokens: run(cache, tokens, None)
+        # The prompt pass runs the decoder as stored and hands the steps its cache in their layout (see _prefill).
+        cache = empty_cache(module, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
+        prefill = _prefill(lambda cache, tokens: run(module, params, cache, tokens, enc), unrolled is not module)
+        step = lambda cache, tokens: run(unrolled, dec_params, cache, tokens, None)
         return decoding.generate(spec, prefill, step, reorder_cache, cache,
                                  jnp.repeat(prompt, copies, axis=0), rng, scores=scores)
 
@@ -144,6 +162,7 @@ def _causal_program(module: Any, spec: SearchSpec, batch: int, scores: bool, unr
 
     def program(params, prompt, prompt_mask, rng):
         TRACE_COUNTS["causal"] += 1
+        stored, stored_params = scanned, params
         module, params = _unrolled(scanned, params) if unroll else (scanned, params)
         n = batch * copies
         prompt = jnp.repeat(prompt, copies, axis=0)
@@ -154,18 +173,19 @@ def _causal_program(module: Any, spec: SearchSpec, batch: int, scores: bool, unr
         pad_before = p - prompt_mask.sum(axis=1)                                  # [N]
         prompt_positions = jnp.clip(jnp.cumsum(prompt_mask, axis=1) - 1, 0, None)
         prompt_positions = jnp.where(prompt_mask == 1, prompt_positions, 1)
-        cache = empty_cache(module, (n, spec.max_length))
+        cache = empty_cache(stored, (n, spec.max_length))
 
-        def run(cache, tokens, positions):
-            out, variables = module.apply({"params": params, "cache": cache}, tokens, full_mask, positions,
-                                          decode=True, mutable=["cache"])
+        def run(mod, p, cache, tokens, positions):
+            out, variables = mod.apply({"params": p, "cache": cache}, tokens, full_mask, positions,
+                                       decode=True, mutable=["cache"])
             return out.logits[:, -1].astype(jnp.float32), variables["cache"]
 
         def step(cache, tokens):
             index = cache["bert"]["cache_index"]
-            return run(cache, tokens, (index - pad_before)[:, None])
+            return run(module, params, cache, tokens, (index - pad_before)[:, None])
 
-        prefill = lambda cache, tokens: run(cache, tokens, prompt_positions)
+        prefill = _prefill(lambda cache, tokens: run(stored, stored_params, cache, tokens, prompt_positions),
+                           module is not stored)
         ignore = jnp.argmax(prompt_mask != 0, axis=1)  # repetition penalty skips left padding, as transformers
         return decoding.generate(spec, prefill, step, reorder_cache, cache, prompt, rng, ignore_before=ignore,
                                  scores=scores)
