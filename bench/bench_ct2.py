@@ -27,8 +27,9 @@ CTranslate2 float32 must equal them in the greedy cases (exit status 1 otherwise
 CTranslate2 applies the min-length EOS mask before its log-softmax and transformers after it, so beam outputs may
 legitimately differ; int8 outputs differ by design. Both are reported, not enforced.
 
-The optional engine ``ours-unrolled`` loads our model with ``scan_layers=False`` (layers stored unrolled), so the
-generate program does not slice the stacked layers on each call.
+``ours`` loads our model as ``Text2TextGenerator`` does for inference, with its layers unrolled
+(``scan_layers=False``); the optional ``ours-scanned`` loads the ``from_pretrained`` default, stacked layers, which
+each generate call first slices apart.
 
 With ``--compilation-cache DIR`` two more processes per case run ours against JAX's persistent compilation
 cache in DIR (emptied first): the first fills it, the second starts with it filled, which is what a user's second
@@ -64,7 +65,7 @@ import _machine  # noqa: E402  (bench/: machine helpers shared by the benchmark 
 from _workload import PRESETS, add_shape_args, apply_shape_args  # noqa: E402
 
 ENGINES = ("ours", "transformers", "ct2-float32", "ct2-float32-dnnl", "ct2-int8")
-OPTIONAL_ENGINES = ("ours-unrolled", "ct2-float32-mkl", "ct2-int8-dnnl", "ct2-int8-mkl")
+OPTIONAL_ENGINES = ("ours-scanned", "ct2-float32-mkl", "ct2-int8-dnnl", "ct2-int8-mkl")
 # CTranslate2 picks its CPU GEMM backend itself (Intel MKL on Intel processors, oneDNN elsewhere); the suffixes
 # force one through its CT2_USE_MKL switch, so that we compare with its fastest configuration on this machine.
 CT2_BACKENDS = {"dnnl": "0", "mkl": "1"}
@@ -90,7 +91,7 @@ def _ours(job: dict[str, Any], ids: np.ndarray, mask: np.ndarray):
     if job.get("compilation_cache"):
         bertgen_flax.enable_compilation_cache(job["compilation_cache"])
     model = bertgen_flax.EncoderDecoderModel.from_pretrained(job["hf_dir"],
-                                                             scan_layers=job["engine"] != "ours-unrolled")
+                                                             scan_layers=job["engine"] == "ours-scanned")
     kwargs = job["kwargs"]
 
     def call() -> np.ndarray:
@@ -138,7 +139,7 @@ def worker(job_path: str, out_path: str) -> None:
     inputs = np.load(job["inputs"])
     ids, mask = inputs["ids"], inputs["mask"]
     t0 = time.perf_counter()
-    make = {"ours": _ours, "ours-unrolled": _ours, "transformers": _transformers}.get(job["engine"], _ctranslate2)
+    make = {"ours": _ours, "ours-scanned": _ours, "transformers": _transformers}.get(job["engine"], _ctranslate2)
     call, versions = make(job, ids, mask)
     load_s = time.perf_counter() - t0
     rss_loaded = _machine.peak_rss_mb()

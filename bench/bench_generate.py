@@ -131,9 +131,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="auto: CUDA for torch and jax's default backend when available, else the CPU")
     p.add_argument("--engines", choices=("both", "torch", "ours"), default="both",
                    help="time one engine only (e.g. to check that the two do not disturb each other)")
+    p.add_argument("--layers", choices=("unrolled", "scanned"), default="unrolled",
+                   help="how our model stores its layers: unrolled (from_pretrained(scan_layers=False), the layout "
+                        "Text2TextGenerator loads for inference: generate reads it without copies) or scanned (the "
+                        "from_pretrained default: each call first slices every layer out of the stack)")
     p.add_argument("--decoder", choices=("unrolled", "stored"), default="unrolled",
-                   help="our decode steps with the decoder layers unrolled (default) or run as stored, under nn.scan "
-                        "(generate(unroll_decoder=False)): a shorter compile, slower steps")
+                   help="our decode steps with the decoder layers unrolled (default) or run as stored "
+                        "(generate(unroll_decoder=False)); with --layers scanned that is under nn.scan: a shorter "
+                        "compile, slower steps")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the weights; numpy seed for inputs")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--flax457", default="auto", metavar="auto|off|PYTHON",
@@ -363,7 +368,7 @@ def environment(args: argparse.Namespace, torch_device: str, backend: str, threa
         date=_machine.now_iso(),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         preset=args.preset, shape=dataclasses.asdict(args.shape), dtype=args.dtype, runs=args.runs,
-        warmup=args.warmup, seed=args.seed, engines=args.engines, decoder=args.decoder,
+        warmup=args.warmup, seed=args.seed, engines=args.engines, layers=args.layers, decoder=args.decoder,
         versions=_machine.versions("jax", "jaxlib", "torch", "transformers", "numpy"),
         cpu=_machine.cpu_name(), usable_cores=threads,
         torch_device=torch_device,
@@ -388,7 +393,8 @@ def print_environment(env: dict[str, Any]) -> None:
     print(f"model: preset {env['preset']}, hidden {s['hidden']}, layers {s['encoder_layers']}+{s['decoder_layers']}, "
           f"heads {s['heads']}, intermediate {s['intermediate']}, vocab {s['vocab']}, max positions "
           f"{s['max_positions']}; source {s['source']} ragged, {s['new_tokens']} new tokens forced; {env['dtype']}; "
-          f"median of {env['runs']} after {env['warmup']} warm-up")
+          f"median of {env['runs']} after {env['warmup']} warm-up; ours: layers {env['layers']}, decode steps "
+          f"{env['decoder']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -407,7 +413,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reference = build_reference(args.shape, args.seed)
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
         reference.save_pretrained(tmp)
-        ours = bertgen_flax.EncoderDecoderModel.from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype)
+        ours = bertgen_flax.EncoderDecoderModel.from_pretrained(tmp, dtype=args.dtype, param_dtype=args.dtype,
+                                                                scan_layers=args.layers == "scanned")
     torch_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
     reference = reference.to(torch_device, dtype=torch_dtype)
     env["parameters"] = sum(p.numel() for p in reference.parameters())

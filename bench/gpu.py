@@ -13,7 +13,7 @@ Steps (in this order; one failing does not stop the others):
 
     generate-bf16         bench_generate.py --preset l24 --dtype bfloat16 (all four cases, ours and transformers)
     generate-bf16-cached  the same, ours only, with the compilation cache the step before filled
-    generate-bf16-stored  the same, ours only, decoder layers run as stored (nn.scan) instead of unrolled
+    generate-bf16-stored  the same, ours only, layers stored scanned and the decode steps run under nn.scan
     generate-fp32         bench_generate.py --preset l24 --cases b1,b32 (float32: the identity check)
     generate-fp32-cached  the same, ours only, cache filled
     train-bf16            bench_train.py --preset l24 --dtype bfloat16 (batch 32, 512 source / 128 target tokens)
@@ -101,7 +101,7 @@ def steps_for(flax_python: Optional[str], flax_why: str) -> list[Step]:
         Step("generate-bf16", "generate", "bench_generate.py", gen_bf16),
         Step("generate-bf16-cached", "generate", "bench_generate.py", gen_bf16 + ["--engines", "ours"]),
         Step("generate-bf16-stored", "generate", "bench_generate.py",
-             gen_bf16 + ["--engines", "ours", "--decoder", "stored"]),
+             gen_bf16 + ["--engines", "ours", "--layers", "scanned", "--decoder", "stored"]),
         Step("generate-fp32", "generate", "bench_generate.py", gen_fp32),
         Step("generate-fp32-cached", "generate", "bench_generate.py", gen_fp32 + ["--engines", "ours"]),
         Step("train-bf16", "train", "bench_train.py", train),

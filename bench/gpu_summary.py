@@ -198,11 +198,12 @@ def generate_table(payload: Optional[dict], flax: Optional[dict]) -> str:
 
 
 def stored_table(run: dict[str, Any]) -> str:
-    """Our decoder unrolled in the decode steps (the default) against run as stored (``--decoder stored``)."""
+    """Our layers unrolled (the inference layout, the default) against stored scanned and run under nn.scan in the
+    decode steps (``--layers scanned --decoder stored``)."""
     unrolled, stored = run["generate-bf16"], run["generate-bf16-stored"]
     if stored is None:
         return "not measured."
-    lines = ["| case | unrolled ms/step | as stored ms/step | unrolled first call s | as stored first call s |",
+    lines = ["| case | unrolled ms/step | scanned ms/step | unrolled first call s | scanned first call s |",
              "|---|---|---|---|---|"]
     for r in (stored or {}).get("results", []):
         u, st = gen_case(unrolled, r.get("case"), "ours"), r.get("ours")
@@ -343,8 +344,8 @@ def summary(run_dir: str) -> str:
             identity_line(run["generate-fp32"]), "",
             "### Training step, bfloat16 compute, float32 weights", "", train_table(run), "",
             "### First call and the persistent compilation cache", "", compile_table(run), "",
-            "### Decoder layers unrolled in the decode steps, or run as stored (nn.scan)", "",
-            "The as-stored run uses the compilation cache the steps before it filled with other programs, so its "
+            "### Layers stored unrolled (the inference layout), or stored scanned and run under nn.scan", "",
+            "The scanned run uses the compilation cache the steps before it filled with other programs, so its "
             "first call is a cold compile of its own programs.", "", stored_table(run), "",
             "### Peak device memory", "", memory_table(run), "",
             "jax cannot reset its peak, so ours and 4.57 Flax show the peak of the process up to that case (cases "

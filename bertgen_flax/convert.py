@@ -248,6 +248,20 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """``tree[p0][p1]... = value``, creating the dicts on the way."""
+    _set(tree, path, value)
+
+
+def pop_path(tree: dict, path: tuple[str, ...]) -> Any:
+    """Removes and returns ``tree[p0][p1]...``; dicts left empty on the way are removed too."""
+    node = _get(tree, path[:-1])
+    value = node.pop(path[-1])
+    if not node and len(path) > 1:
+        pop_path(tree, path[:-1])
+    return value
+
+
 def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     """A nested dict as ``{path tuple: leaf}``."""
     out = {}

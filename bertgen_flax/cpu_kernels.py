@@ -103,8 +103,9 @@ def available() -> bool:
 
 def _usable(x: jax.Array, w: jax.Array, max_rows: int) -> bool:
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
+    # Built only where the CPU is the default backend: a GPU or TPU process never compiles them.
     return (0 < rows <= max_rows and x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2
-            and available())
+            and jax.default_backend() == "cpu" and available())
 
 
 def _call(target: str, x: jax.Array, w: jax.Array, n: int) -> jax.Array:

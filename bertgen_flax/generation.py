@@ -99,6 +99,12 @@ def _prefill(run_stored: Callable, unstack: bool) -> Callable:
     return prefill
 
 
+def _merge(base: dict, update: dict) -> dict:
+    """``base`` with the leaves of ``update`` put in (nested dicts, same layout)."""
+    return {k: (_merge(v, update[k]) if isinstance(v, dict) else update[k]) if k in update else v
+            for k, v in base.items()}
+
+
 ENCODER_CHUNK_TOKENS = 1024
 
 
@@ -120,6 +126,7 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
                      unroll: bool = True) -> Callable:
     """The whole generate call for one bucket: ``rows`` sequences per encoder chunk, sequence scores or not, the
     decoder unrolled (``unroll``) or run as stored."""
+    from .convert import unstack_layers
     from .modeling import EncoderDecoderModule, empty_cache
     copies = _expand(spec)
 
@@ -144,10 +151,19 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
                                        method=EncoderDecoderModule.decode, mutable=["cache"])
             return out.logits[:, -1].astype(jnp.float32), variables["cache"]
 
-        # The prompt pass runs the decoder as stored and hands the steps its cache in their layout (see _prefill).
-        cache = empty_cache(module, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
-        prefill = _prefill(lambda cache, tokens: run(module, params, cache, tokens, enc), unrolled is not module)
         step = lambda cache, tokens: run(unrolled, dec_params, cache, tokens, None)
+        if prompt.shape[1] == 1:
+            # One start token: write the cross-attention keys/values first, then the prompt is a plain step.
+            cache = empty_cache(unrolled, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
+            _, primed = module.apply({"params": params}, enc, method=EncoderDecoderModule.prime_cross_attention,
+                                     mutable=["cache"])
+            primed = primed["cache"]
+            cache = _merge(cache, unstack_layers(primed) if unrolled is not module else primed)
+            prefill = step
+        else:
+            # The prompt pass runs the decoder as stored and hands the steps its cache in their layout.
+            cache = empty_cache(module, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
+            prefill = _prefill(lambda cache, tokens: run(module, params, cache, tokens, enc), unrolled is not module)
         return decoding.generate(spec, prefill, step, reorder_cache, cache,
                                  jnp.repeat(prompt, copies, axis=0), rng, scores=scores)
 

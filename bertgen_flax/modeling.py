@@ -304,12 +304,15 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Optional[Array], offset: Array, kv_states: Optional[Array] = None,
                  head_mask: Optional[Array] = None, deterministic: bool = True,
-                 output_attentions: bool = False) -> tuple[Array, Optional[Array]]:
+                 output_attentions: bool = False, kv_only: bool = False) -> tuple[Array, Optional[Array]]:
         cfg = self.config
         proj = AttentionProjections(cfg, relative=self.relative, dtype=self.dtype, param_dtype=self.param_dtype,
                                     name="self")
         if self.cross and kv_states is None and not self.has_variable("cache", "cross_key"):
             return x, None  # a decoder used without an encoder: no cross-attention, as in transformers
+        if kv_only:  # cross-attention when decoding: only write the keys/values of kv_states into the cache
+            self._cross_keys_values(proj, kv_states)
+            return x, None
         q = proj.queries(x)                                                      # [B, T, N, D]
         b, t = x.shape[:2]
         query_positions = offset + jnp.arange(t)                                 # [T]
@@ -416,6 +419,7 @@ class Layer(nn.Module):
     deterministic: bool = True
     output_attentions: bool = False
     output_hidden_states: bool = False
+    cross_only: bool = False  # decode mode: only write the cross-attention keys/values into the cache
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -423,6 +427,10 @@ class Layer(nn.Module):
     def __call__(self, h: Array, mask: Optional[Array], offset: Array, encoder_states: Optional[Array],
                  encoder_mask: Optional[Array], head_mask: Optional[Array]):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.cross_only:
+            Attention(cfg, cross=True, decode=True, name="crossattention", **kw)(
+                h, None, offset, kv_states=encoder_states, kv_only=True)
+            return h, (None, None, None)
         h, self_probs = Attention(cfg, causal=self.causal, decode=self.decode, name="attention", **kw)(
             h, mask, offset, head_mask=head_mask, deterministic=self.deterministic,
             output_attentions=self.output_attentions)
@@ -457,6 +465,7 @@ class LayerStack(nn.Module):
     deterministic: bool = True
     output_attentions: bool = False
     output_hidden_states: bool = False
+    cross_only: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -465,7 +474,7 @@ class LayerStack(nn.Module):
                  encoder_mask: Optional[Array], head_mask: Optional[Array]):
         kw = dict(config=self.config, causal=self.causal, decode=self.decode, deterministic=self.deterministic,
                   output_attentions=self.output_attentions, output_hidden_states=self.output_hidden_states,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+                  cross_only=self.cross_only, dtype=self.dtype, param_dtype=self.param_dtype)
         n = self.config.num_hidden_layers
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
@@ -510,8 +519,15 @@ class BertGenerationModule(nn.Module):
                  inputs_embeds: Optional[Array] = None, encoder_hidden_states: Optional[Array] = None,
                  encoder_attention_mask: Optional[Array] = None, *, causal: Optional[bool] = None,
                  decode: bool = False, deterministic: bool = True, output_attentions: bool = False,
-                 output_hidden_states: bool = False) -> StackOutput:
+                 output_hidden_states: bool = False, cross_only: bool = False) -> StackOutput:
         cfg = self.config
+        if cross_only:  # decode mode: write every layer's cross-attention keys/values of encoder_hidden_states
+            states = encoder_hidden_states.astype(self.dtype)
+            h = jnp.zeros((states.shape[0], 1, cfg.hidden_size), self.dtype)
+            LayerStack(cfg, scan_layers=self.scan_layers, decode=True, cross_only=True, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="encoder")(h, None, jnp.array(0, jnp.int32), states, None,
+                                                                     None)
+            return StackOutput(last_hidden_state=h)
         causal = cfg.is_decoder if causal is None else causal
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -664,6 +680,12 @@ class EncoderDecoderModule(nn.Module):
         if self.config.needs_projection:
             return self.enc_to_dec_proj(encoder_hidden_states)
         return encoder_hidden_states
+
+    def prime_cross_attention(self, encoder_hidden_states: Array) -> None:
+        """Decode mode: writes every decoder layer's cross-attention keys/values for ``encoder_hidden_states`` into
+        the cache and computes nothing else. Afterwards a decode step needs no encoder states, so a one-token
+        prompt runs as a plain step (generation compiles one decoder, not a prompt pass beside it)."""
+        self.decoder.bert(encoder_hidden_states=self.project(encoder_hidden_states), decode=True, cross_only=True)
 
     def decode(self, decoder_input_ids: Optional[Array], encoder_hidden_states: Optional[Array],
                encoder_attention_mask: Optional[Array] = None, decoder_attention_mask: Optional[Array] = None,

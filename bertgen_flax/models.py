@@ -159,9 +159,11 @@ class PretrainedModel:
         tree = jax.tree_util.tree_map(np.asarray, self.params)
         return tree if self.scan_layers else convert.stack_layers(tree)
 
-    def _from_canonical(self, tree: Mapping) -> dict:
-        tree = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self.param_dtype), tree)
-        return tree if self.scan_layers else convert.unstack_layers(tree)
+    def _from_canonical(self, tree: dict) -> dict:
+        """The canonical (stacked, host) tree as device arrays in this model's layout. ``tree`` is emptied on the
+        way: each host array is dropped once it is on the device, so loading holds one copy of the weights plus
+        the largest array, not two copies (or three, unstacked)."""
+        return _to_device(tree, self.param_dtype, unstack=not self.scan_layers)
 
     # ---- loading ------------------------------------------------------------------------------------------
     @classmethod
@@ -210,6 +212,7 @@ class PretrainedModel:
         tree, report = convert.torch_to_flax(state, cls.kind, config, model._expected_shapes(),
                                              init_params=lambda: model._canonical_init(jax.random.PRNGKey(0)),
                                              fold_token_type_embeddings=fold_token_type_embeddings)
+        del state  # the stacked tree holds copies of the layer weights: drop the checkpoint's before the device's
         model.params = model._from_canonical(tree)
         model.load_report = report
         if verbose:
@@ -231,8 +234,8 @@ class PretrainedModel:
         model = cls(config, params={}, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                     generation_config=_read_generation_config(path))
         tree = restore_native_params(os.path.join(path, NATIVE_PARAMS), model._expected_shapes())
-        model.params = model._from_canonical(tree)
         model.load_report = convert.Report(mapped=["/".join(k) for k in convert.flatten(tree)])
+        model.params = model._from_canonical(tree)
         return model
 
     # ---- saving -------------------------------------------------------------------------------------------
@@ -332,6 +335,27 @@ class PretrainedModel:
         n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
         quant = f", weights {self.quantization}" if self.quantization else ""
         return f"{type(self).__name__}({n:,} parameters, dtype={jnp.dtype(self.dtype).name}{quant})"
+
+
+def _to_device(tree: dict, dtype: Any, unstack: bool) -> dict:
+    """Moves ``tree``'s leaves to the device one at a time, popping each from ``tree``; with ``unstack``, stacked
+    ``layer`` subtrees become ``layer_0 .. layer_{L-1}`` (sliced on the host, where slices are views)."""
+    out: dict = {}
+    for key in list(tree):
+        value = tree.pop(key)
+        if not isinstance(value, Mapping):
+            out[key] = jnp.asarray(value, dtype)
+        elif unstack and key == "layer":
+            value = dict(value)
+            for path in list(convert.flatten(value)):
+                stacked = convert.pop_path(value, path)
+                for i in range(stacked.shape[0]):
+                    convert.set_path(out.setdefault(f"layer_{i}", {}), path, jnp.asarray(stacked[i], dtype))
+                del stacked
+        else:
+            out[key] = _to_device(value if isinstance(value, dict) else dict(value), dtype, unstack)
+        del value
+    return out
 
 
 def _read_generation_config(path: str) -> dict:

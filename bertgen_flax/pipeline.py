@@ -38,9 +38,12 @@ class Text2TextGenerator:
     def from_pretrained(cls, path: str, *, dtype: Any = None, batch_size: int = 32, quantize: Optional[str] = None,
                         **generation_kwargs: Any) -> "Text2TextGenerator":
         """Model and tokenizer from one directory (HF or native checkpoint with tokenizer files beside it);
-        ``quantize="int8"``/``"int4"`` generates with weight-only quantized matrices."""
+        ``quantize="int8"``/``"int4"`` generates with weight-only quantized matrices.
+
+        The model is loaded with its layers unrolled (``scan_layers=False``), the layout generation reads without
+        copying: with stacked layers every call first slices each layer's weights out of the stack."""
         from .tokenization import AutoTokenizer
-        model = EncoderDecoderModel.from_pretrained(path, dtype, quantize=quantize)
+        model = EncoderDecoderModel.from_pretrained(path, dtype, quantize=quantize, scan_layers=False)
         return cls(model, AutoTokenizer.from_pretrained(path), batch_size=batch_size, **generation_kwargs)
 
     def encode(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:

@@ -104,6 +104,38 @@ def test_the_decoder_run_as_stored_not_unrolled_generates_what_transformers_does
                  ours_dec.generate(prompt, np.ones_like(prompt), max_new_tokens=8, unroll_decoder=False))
 
 
+@pytest.fixture(scope="module")
+def seq2seq_unrolled(seq2seq, tmp_path_factory):
+    """The fixture model loaded with its layers unrolled (the inference layout Text2TextGenerator uses)."""
+    path = tmp_path_factory.mktemp("gen") / "ed_unrolled"
+    seq2seq[0].save_pretrained(path)
+    return bg.EncoderDecoderModel.from_pretrained(str(path), scan_layers=False)
+
+
+@pytest.mark.parametrize("case", ["greedy_min_new_tokens", "beam4_return3_lp06", "greedy_repetition_penalty"])
+def test_a_model_with_unrolled_layers_generates_what_transformers_does(seq2seq, seq2seq_unrolled, case):
+    ids, mask = _source()
+    kw = SEQ2SEQ_CASES[case]
+    _assert_same(_reference(seq2seq[0], ids, mask, **kw), seq2seq_unrolled.generate(ids, mask, **kw))
+
+
+DECODER_PROMPT = np.array([[2, 11, 12], [2, 13, 14], [2, 15, 16], [2, 17, 18]])
+
+
+@pytest.mark.parametrize("layers", ["scanned", "unrolled"])
+@pytest.mark.parametrize("case", ["greedy_min_new_tokens", "beam3", "greedy_no_repeat_ngram"])
+def test_generation_continues_a_multi_token_decoder_prompt_as_transformers_does(seq2seq, seq2seq_unrolled, case,
+                                                                                layers):
+    ref, ours = seq2seq
+    ours = ours if layers == "scanned" else seq2seq_unrolled
+    ids, mask = _source()
+    kw = SEQ2SEQ_CASES[case]
+    with torch.no_grad():
+        want = ref.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                            decoder_input_ids=torch.tensor(DECODER_PROMPT), **kw).numpy()
+    _assert_same(want, ours.generate(ids, mask, decoder_input_ids=DECODER_PROMPT, **kw))
+
+
 def test_the_fixture_model_stops_some_rows_early(seq2seq):
     ref, _ = seq2seq
     ids, mask = _source()
