@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,8 @@ import jax.numpy as jnp
 MAX_ROWS = 32     # NN products: at 64 rows XLA's own were as fast (measured on the decode step's shapes)
 MAX_ROWS_NT = 8   # NT products (the tied LM head): at 32 rows XLA's were faster
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cc")
-_TARGETS = ("bertgen_matmul_nn", "bertgen_matmul_nt")
+_TARGETS = ("bertgen_matmul_nn", "bertgen_matmul_nt", "bertgen_matmul_nn_i8", "bertgen_matmul_nt_i8",
+            "bertgen_matmul_nn_i4")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -101,33 +102,51 @@ def available() -> bool:
     return True
 
 
-def _usable(x: jax.Array, w: jax.Array, max_rows: int) -> bool:
+def _usable(x: jax.Array, w: jax.Array, max_rows: int, weight_dtypes: tuple = (jnp.float32,)) -> bool:
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     # Built only where the CPU is the default backend: a GPU or TPU process never compiles them.
-    return (0 < rows <= max_rows and x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2
+    return (0 < rows <= max_rows and x.dtype == jnp.float32 and w.dtype in weight_dtypes and w.ndim == 2
             and jax.default_backend() == "cpu" and available())
 
 
-def _call(target: str, x: jax.Array, w: jax.Array, n: int) -> jax.Array:
+def _call(target: str, x: jax.Array, operands: tuple, n: int) -> jax.Array:
     x2 = x.reshape(-1, x.shape[-1])                                               # [M, K]
     out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
-                           vmap_method="sequential")(x2, w)
+                           vmap_method="sequential")(x2, *operands)
     return out.reshape(*x.shape[:-1], n)
 
 
+def _kernel_or(cpu: Callable, xla: Callable, x: jax.Array, operands: tuple, max_rows: int,
+               weight_dtypes: tuple = (jnp.float32,)) -> jax.Array:
+    """``cpu(x, *operands)`` (a kernel) on the CPU when it applies, else, and on other platforms, ``xla(...)``."""
+    if not _usable(x, operands[0], max_rows, weight_dtypes):
+        return xla(x, *operands)
+    return jax.lax.platform_dependent(x, *operands, cpu=cpu, default=xla)
+
+
 def _nn(x: jax.Array, w: jax.Array) -> jax.Array:
-    if not _usable(x, w, MAX_ROWS):
-        return jnp.dot(x, w)
-    return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _call("bertgen_matmul_nn", x, w, w.shape[1]),
-                                      default=jnp.dot)
+    return _kernel_or(lambda x, w: _call("bertgen_matmul_nn", x, (w,), w.shape[1]), jnp.dot, x, (w,), MAX_ROWS)
 
 
 def _nt(x: jax.Array, w: jax.Array) -> jax.Array:
-    xla = lambda x, w: jnp.einsum("...k,nk->...n", x, w)
-    if not _usable(x, w, MAX_ROWS_NT):
-        return xla(x, w)
-    return jax.lax.platform_dependent(x, w, cpu=lambda x, w: _call("bertgen_matmul_nt", x, w, w.shape[0]),
-                                      default=xla)
+    return _kernel_or(lambda x, w: _call("bertgen_matmul_nt", x, (w,), w.shape[0]),
+                      lambda x, w: jnp.einsum("...k,nk->...n", x, w), x, (w,), MAX_ROWS_NT)
+
+
+def quantized_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Callable) -> jax.Array:
+    """x [..., K] @ a weight-only quantized kernel in quantization.py's forms: int8 q [K, N] with column scales
+    [N], or packed int4 q [K/2, N] with group scales [K/g, N]; ``xla(x, q, scale)`` elsewhere."""
+    if q.dtype == jnp.uint8:
+        cpu = lambda x, q, s: _call("bertgen_matmul_nn_i4", x, (q, s), q.shape[1])
+    else:
+        cpu = lambda x, q, s: _call("bertgen_matmul_nn_i8", x, (q,), q.shape[1]) * s
+    return _kernel_or(cpu, xla, x, (q, scale), MAX_ROWS, (jnp.int8, jnp.uint8))
+
+
+def quantized_matmul_nt(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Callable) -> jax.Array:
+    """x [..., K] @ (int8 q [N, K] scaled per row by scale [N])^T: the tied LM head of an int8 table."""
+    cpu = lambda x, q, s: _call("bertgen_matmul_nt_i8", x, (q,), q.shape[0]) * s
+    return _kernel_or(cpu, xla, x, (q, scale), MAX_ROWS_NT, (jnp.int8,))
 
 
 # The FFI calls have no derivative of their own: gradients are XLA's products (as for any jnp.dot).

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernels
+
 Array = jax.Array
 
 MODES = ("int8", "int4")
@@ -124,12 +126,16 @@ def quantized_dense(x: Array, qkernel: Array, qscale: Array, dtype: Any) -> Arra
     """x [..., in] @ the quantized kernel -> [..., out], in ``dtype``.
 
     int8: the integer kernel is widened and the per-column scale applied to the (smaller) output. int4: the
-    kernel is widened group by group first, which XLA fuses into the matmul's operand on GPUs.
+    kernel is widened group by group first, which XLA fuses into the matmul's operand on GPUs. On the CPU, a
+    float32 product of few rows (a decode step) runs a kernel that reads the integers themselves
+    (``cpu_kernels.quantized_matmul``): a quarter (int8) or an eighth (int4) of float32's memory traffic.
     """
-    qkernel, qscale, x = _tied((qkernel, qscale), x.astype(dtype))
-    if qkernel.dtype == jnp.uint8:
-        return jnp.dot(x, dequantize_kernel(qkernel, qscale, dtype))
-    return jnp.dot(x, qkernel.astype(dtype)) * qscale.astype(dtype)
+    def xla(x, qkernel, qscale):
+        qkernel, qscale, x = _tied((qkernel, qscale), x)
+        if qkernel.dtype == jnp.uint8:
+            return jnp.dot(x, dequantize_kernel(qkernel, qscale, dtype))
+        return jnp.dot(x, qkernel.astype(dtype)) * qscale.astype(dtype)
+    return cpu_kernels.quantized_matmul(x.astype(dtype), qkernel, qscale, xla)
 
 
 def quantized_lookup(qembedding: Array, qscale: Array, ids: Array, dtype: Any) -> Array:
@@ -139,9 +145,12 @@ def quantized_lookup(qembedding: Array, qscale: Array, ids: Array, dtype: Any) -
 
 
 def quantized_attend(h: Array, qembedding: Array, qscale: Array, dtype: Any) -> Array:
-    """h [B, T, H] @ table^T with an int8 per-row table [V, H]: the tied LM head's logits [B, T, V]."""
-    qembedding, qscale, h = _tied((qembedding, qscale), h.astype(dtype))
-    return jnp.einsum("bth,vh->btv", h, qembedding.astype(dtype)) * qscale.astype(dtype)
+    """h [B, T, H] @ table^T with an int8 per-row table [V, H]: the tied LM head's logits [B, T, V] (on the CPU
+    through ``cpu_kernels.quantized_matmul_nt`` for a decode step)."""
+    def xla(h, qembedding, qscale):
+        qembedding, qscale, h = _tied((qembedding, qscale), h)
+        return jnp.einsum("bth,vh->btv", h, qembedding.astype(dtype)) * qscale.astype(dtype)
+    return cpu_kernels.quantized_matmul_nt(h.astype(dtype), qembedding, qscale, xla)
 
 
 def _is_dense(node: Mapping) -> bool:

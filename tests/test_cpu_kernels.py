@@ -141,3 +141,29 @@ def test_gradients_through_the_kernels_are_xlas_gradients(kernels):
         want = jax.grad(lambda x, w: loss(xla, x, w), argnums=(0, 1))(x, weight)
         for g, e in zip(got, want):  # the forward products differ by float32 rounding, which sin() passes on
             assert np.abs(np.asarray(g) - np.asarray(e)).max() <= 1e-5 * np.abs(np.asarray(e)).max()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("m,k,n", [(1, 256, 1024), (5, 1024, 4096), (3, 1024, 300), (32, 256, 256), (2, 6, 70)])
+def test_quantized_products_read_the_integers_and_equal_the_widened_weights(kernels, mode, m, k, n):
+    from bertgen_flax import quantization
+    rng = np.random.default_rng(k + n)
+    w, x = rng.standard_normal((k, n), np.float32), rng.standard_normal((m, k), np.float32)
+    qk, qs = quantization.quantize_int8(w) if mode == "int8" else quantization.quantize_int4(w, 128)
+    want = np.asarray(x, np.float64) @ np.asarray(quantization.dequantize_kernel(qk, qs), np.float64)
+    dense = jax.jit(lambda x, a, b: quantization.quantized_dense(x, a, b, jnp.float32))
+    got = np.asarray(dense(x, qk, qs))
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    target = "bertgen_matmul_nn_i8" if mode == "int8" else "bertgen_matmul_nn_i4"
+    assert target in dense.lower(x, qk, qs).as_text()
+
+
+def test_the_int8_tied_head_reads_the_integer_table(kernels):
+    from bertgen_flax import quantization
+    rng = np.random.default_rng(5)
+    table, h = rng.standard_normal((8000, 256), np.float32), rng.standard_normal((1, 1, 256), np.float32)
+    q, s = quantization.quantize_int8(table, axis=-1)
+    want = np.asarray(h, np.float64) @ (np.asarray(q, np.float64) * np.asarray(s, np.float64)[:, None]).T
+    attend = jax.jit(lambda h, q, s: quantization.quantized_attend(h, q, s, jnp.float32))
+    assert np.abs(np.asarray(attend(h, q, s)) - want).max() <= 1e-6 * np.abs(want).max()
+    assert "bertgen_matmul_nt_i8" in attend.lower(h, q, s).as_text()

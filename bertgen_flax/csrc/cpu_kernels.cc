@@ -3,13 +3,17 @@
 // XLA:CPU runs products with few rows (a decode step has one row per sequence) well below the memory bandwidth
 // that bounds them: on a 2-core Xeon, 24 [1024, 4096] + [4096, 1024] products streamed 21 GB/s with one row and
 // 10 GB/s with eight, where the machine reads 29 GB/s. These kernels stream each weight once for all rows, with
-// every output column block kept in registers, and split the columns over XLA's own intra-op thread pool.
+// a block of outputs kept in registers, and split the work over XLA's own intra-op thread pool.
 //
-//   bertgen_matmul_nn: y[M, N] = x[M, K] @ w[K, N]     (Dense kernels as stored, [in, out])
-//   bertgen_matmul_nt: y[M, N] = x[M, K] @ w[N, K]^T   (the tied LM head: the embedding table as stored)
+//   bertgen_matmul_nn      y[M, N] = x[M, K] @ w[K, N]        w float32 (Dense kernels as stored, [in, out])
+//   bertgen_matmul_nn_i8   y[M, N] = x[M, K] @ q[K, N]        q int8 (the caller scales the columns)
+//   bertgen_matmul_nn_i4   y[M, N] = x[M, K] @ (q * s)        q packed 4-bit [K/2, N], s [K/g, N] per group of g rows
+//   bertgen_matmul_nt      y[M, N] = x[M, K] @ w[N, K]^T      w float32 (the tied LM head: the embedding table)
+//   bertgen_matmul_nt_i8   y[M, N] = x[M, K] @ q[N, K]^T      q int8 (the caller scales the columns)
 //
-// float32 only; products accumulate over k in order, with fused multiply-adds. Built by cpu_kernels.py with the
-// host's instruction set (-march=native), so the vector width below follows the machine.
+// The integer forms are those of quantization.py; weights are widened in registers, so a step reads 1 (int8) or
+// 1/2 (int4) byte per weight instead of 4. Products accumulate over k in order, with fused multiply-adds. Built
+// by cpu_kernels.py with the host's instruction set (-march=native), so the vector width below follows the machine.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -69,6 +73,45 @@ inline float hsum(vec v) {
 }
 #endif
 
+// kWidth consecutive weights of a row, widened to float.
+inline vec load_w(const float* p) { return load(p); }
+#if defined(__AVX512F__)
+inline vec load_w(const int8_t* p) {
+  return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// Packed int4: byte j holds row 2i (low nibble) and row 2i+1 (high nibble) of column j, each stored as q + 8.
+inline void load_i4(const uint8_t* p, vec& lo, vec& hi) {
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __m512i eight = _mm512_set1_epi32(8);
+  lo = (vec)_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), eight));
+  hi = (vec)_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+}
+#elif defined(__AVX2__)
+inline vec load_w(const int8_t* p) {
+  return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void load_i4(const uint8_t* p, vec& lo, vec& hi) {
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  __m256i eight = _mm256_set1_epi32(8);
+  lo = (vec)_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, _mm256_set1_epi32(15)), eight));
+  hi = (vec)_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
+}
+#else
+inline vec load_w(const int8_t* p) {
+  vec v;
+  for (int i = 0; i < kWidth; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+inline void load_i4(const uint8_t* p, vec& lo, vec& hi) {
+  for (int i = 0; i < kWidth; ++i) {
+    lo[i] = static_cast<float>((p[i] & 15) - 8);
+    hi[i] = static_cast<float>((p[i] >> 4) - 8);
+  }
+}
+#endif
+inline float widen(float w) { return w; }
+inline float widen(int8_t w) { return static_cast<float>(w); }
+
 // Runs chunk(i) for i in [0, n) on the calling thread and on XLA's pool. Chunks are handed out by an atomic
 // counter: a pool task that starts late finds none left and returns, so the caller only ever waits for chunks that
 // are already running (never for a task still queued behind a busy thread), which cannot deadlock.
@@ -103,22 +146,23 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F chunk) {
 // one contiguous block of memory, front to back; walking a band of columns down all rows instead jumps a row,
 // kilobytes, per load and ran at half the bandwidth), computes a partial y for its rows, and the partials are
 // added at the end. Rows are taken kGroup at a time with the partial sums of a register block of outputs held in
-// registers; sums collect in a buffer for kChunk rows and are then added to the thread's partial, so the rounding
-// error grows with about K / kChunk + kChunk / kGroup + kGroup terms rather than K.
+// registers; sums collect in a buffer for a chunk of rows (kChunk, or an int4 scale group) and are then added to
+// the thread's partial (scaled by the group's scales for int4), so the rounding error grows with about
+// K / chunk + chunk / kGroup + kGroup terms rather than K.
 constexpr int64_t kGroup = 8;
 constexpr int64_t kChunk = 128;
 
 // part[r, c0:c0+kBlock] += x[r, k0:k0+g] @ w[k0:k0+g, c0:c0+kBlock] for rows r0 .. r0+R-1 (part has row stride N).
-template <int R>
-void nn_group(const float* x, const float* w, float* part, int64_t K, int64_t N, int64_t r0, int64_t k0, int64_t g,
+template <int R, typename W>
+void nn_group(const float* x, const W* w, float* part, int64_t K, int64_t N, int64_t r0, int64_t k0, int64_t g,
               int64_t c0) {
   vec acc[R][kVecs];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kVecs; ++v) acc[r][v] = load(part + (r0 + r) * N + c0 + v * kWidth);
   for (int64_t j = 0; j < g; ++j) {
-    const float* wp = w + (k0 + j) * N + c0;
+    const W* wp = w + (k0 + j) * N + c0;
     vec wv[kVecs];
-    for (int v = 0; v < kVecs; ++v) wv[v] = load(wp + v * kWidth);
+    for (int v = 0; v < kVecs; ++v) wv[v] = load_w(wp + v * kWidth);
     for (int r = 0; r < R; ++r) {
       vec xr = splat(x[(r0 + r) * K + k0 + j]);
       for (int v = 0; v < kVecs; ++v) acc[r][v] += xr * wv[v];
@@ -128,8 +172,28 @@ void nn_group(const float* x, const float* w, float* part, int64_t K, int64_t N,
     for (int v = 0; v < kVecs; ++v) store(part + (r0 + r) * N + c0 + v * kWidth, acc[r][v]);
 }
 
+// The same for packed int4 rows k0 .. k0+g-1 (k0 and g even): byte row k0/2 + i holds rows k0+2i and k0+2i+1.
 template <int R>
-void nn_group_rows(const float* x, const float* w, float* part, int64_t K, int64_t N, int64_t M, int64_t r0,
+void nn_group(const float* x, const uint8_t* w, float* part, int64_t K, int64_t N, int64_t r0, int64_t k0,
+              int64_t g, int64_t c0) {
+  vec acc[R][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = load(part + (r0 + r) * N + c0 + v * kWidth);
+  for (int64_t j = 0; j < g; j += 2) {
+    const uint8_t* wp = w + (k0 + j) / 2 * N + c0;
+    vec lo[kVecs], hi[kVecs];
+    for (int v = 0; v < kVecs; ++v) load_i4(wp + v * kWidth, lo[v], hi[v]);
+    for (int r = 0; r < R; ++r) {
+      vec x0 = splat(x[(r0 + r) * K + k0 + j]), x1 = splat(x[(r0 + r) * K + k0 + j + 1]);
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += x0 * lo[v] + x1 * hi[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVecs; ++v) store(part + (r0 + r) * N + c0 + v * kWidth, acc[r][v]);
+}
+
+template <int R, typename W>
+void nn_group_rows(const float* x, const W* w, float* part, int64_t K, int64_t N, int64_t M, int64_t r0,
                    int64_t k0, int64_t g, int64_t c0) {
   int64_t r = r0;
   for (; r + R <= M; r += R) nn_group<R>(x, w, part, K, N, r, k0, g, c0);
@@ -138,31 +202,67 @@ void nn_group_rows(const float* x, const float* w, float* part, int64_t K, int64
   }
 }
 
-// out[M, N] (row stride N) = x[:, k0:k1] @ w[k0:k1, :] over the first `cols` columns (a multiple of kBlock).
-void nn_rows(const float* x, const float* w, float* out, int64_t M, int64_t K, int64_t N, int64_t cols, int64_t k0,
-             int64_t k1) {
+// out[M, N] (row stride N) = x[:, k0:k1] @ w[k0:k1, :] over the first `cols` columns (a multiple of kBlock), in
+// chunks of `chunk` rows; with `scale` (int4), chunk i is one scale group, multiplied by scale[k / chunk, :].
+template <typename W>
+void nn_rows(const float* x, const W* w, const float* scale, float* out, int64_t M, int64_t K, int64_t N,
+             int64_t cols, int64_t k0, int64_t k1, int64_t chunk) {
   std::vector<float> part(M * N);
   for (int64_t r = 0; r < M; ++r) std::fill(out + r * N, out + r * N + cols, 0.0f);
-  for (int64_t kc = k0; kc < k1; kc += kChunk) {
+  for (int64_t kc = k0; kc < k1; kc += chunk) {
     std::fill(part.begin(), part.end(), 0.0f);
-    const int64_t kend = std::min(k1, kc + kChunk);
+    const int64_t kend = std::min(k1, kc + chunk);
     for (int64_t kg = kc; kg < kend; kg += kGroup) {
       const int64_t g = std::min(kGroup, kend - kg);
       for (int64_t c = 0; c < cols; c += kBlock) nn_group_rows<kMaxRows>(x, w, part.data(), K, N, M, 0, kg, g, c);
     }
+    const float* s = scale ? scale + kc / chunk * N : nullptr;
     for (int64_t r = 0; r < M; ++r)
-      for (int64_t c = 0; c < cols; ++c) out[r * N + c] += part[r * N + c];
+      for (int64_t c = 0; c < cols; ++c) out[r * N + c] += s ? part[r * N + c] * s[c] : part[r * N + c];
   }
 }
 
-// The last, narrower column block (N not a multiple of kBlock), one row at a time.
-void nn_tail(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t M, int64_t c0) {
+// One weight of row k, column c, as float (the last, narrower column block, done one value at a time).
+inline float weight_at(const float* w, const float*, int64_t N, int64_t, int64_t k, int64_t c) { return w[k * N + c]; }
+inline float weight_at(const int8_t* w, const float*, int64_t N, int64_t, int64_t k, int64_t c) {
+  return static_cast<float>(w[k * N + c]);
+}
+inline float weight_at(const uint8_t* w, const float* scale, int64_t N, int64_t group, int64_t k, int64_t c) {
+  const uint8_t b = w[k / 2 * N + c];
+  return static_cast<float>(((k & 1) ? (b >> 4) : (b & 15)) - 8) * scale[k / group * N + c];
+}
+
+template <typename W>
+void nn_tail(const float* x, const W* w, const float* scale, float* y, int64_t K, int64_t N, int64_t M, int64_t c0,
+             int64_t group) {
   for (int64_t r = 0; r < M; ++r)
     for (int64_t c = c0; c < N; ++c) {
       float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += x[r * K + k] * w[k * N + c];
+      for (int64_t k = 0; k < K; ++k) s += x[r * K + k] * weight_at(w, scale, N, group, k, c);
       y[r * N + c] = s;
     }
+}
+
+// y = x @ w with w [K, N] in format W; `group` > 0 for int4 (rows per scale group; a multiple of 2 dividing K).
+template <typename W>
+void matmul_nn(ffi::ThreadPool& pool, const float* xp, const W* wp, const float* scale, float* yp, int64_t M,
+               int64_t K, int64_t N, int64_t group) {
+  const int64_t cols = N / kBlock * kBlock;
+  const int64_t unit = group ? group : kGroup;  // a thread's rows start on a scale group (int4) or a kGroup
+  const int64_t units = K / unit;
+  // One range of rows of w per thread; the first writes y, the others their own partials.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), K / (4 * kGroup)));
+  std::vector<std::vector<float>> partials(parts - 1);
+  for (auto& p : partials) p.resize(M * N);
+  auto rows = [&](int64_t i) { return i == parts ? K : units * i / parts * unit; };
+  parallel_for(pool, parts, [&](int64_t i) {
+    nn_rows(xp, wp, scale, i == 0 ? yp : partials[i - 1].data(), M, K, N, cols, rows(i), rows(i + 1),
+            group ? group : kChunk);
+  });
+  for (const auto& p : partials)
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t c = 0; c < cols; ++c) yp[r * N + c] += p[r * N + c];
+  if (cols < N) nn_tail(xp, wp, scale, yp, K, N, M, cols, group);
 }
 
 ffi::Error MatmulNN(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -170,36 +270,41 @@ ffi::Error MatmulNN(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
     return ffi::Error::InvalidArgument("bertgen_matmul_nn: expects x [M, K] and w [K, N]");
-  const int64_t M = xd[0], K = xd[1], N = wd[1];
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  const int64_t cols = N / kBlock * kBlock;
-  // One range of rows of w per thread (in multiples of kGroup); the first writes y, the others their own partials.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), K / (4 * kGroup)));
-  std::vector<std::vector<float>> partials(parts - 1);
-  for (auto& p : partials) p.resize(M * N);
-  auto rows = [&](int64_t i) { return (K / kGroup * i / parts) * kGroup + (i == parts ? K % kGroup : 0); };
-  parallel_for(pool, parts, [&](int64_t i) {
-    nn_rows(xp, wp, i == 0 ? yp : partials[i - 1].data(), M, K, N, cols, rows(i), rows(i + 1));
-  });
-  for (const auto& p : partials)
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t c = 0; c < cols; ++c) yp[r * N + c] += p[r * N + c];
-  if (cols < N) nn_tail(xp, wp, yp, K, N, M, cols);
+  matmul_nn(pool, x.typed_data(), w.typed_data(), nullptr, y->typed_data(), xd[0], xd[1], wd[1], 0);
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulNNI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || xd[1] != qd[0])
+    return ffi::Error::InvalidArgument("bertgen_matmul_nn_i8: expects x [M, K] and q [K, N]");
+  matmul_nn(pool, x.typed_data(), q.typed_data(), nullptr, y->typed_data(), xd[0], xd[1], qd[1], 0);
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulNNI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions(), sd = s.dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2 || xd[1] != 2 * qd[0] || sd[1] != qd[1] || sd[0] < 1 ||
+      xd[1] % sd[0] != 0 || (xd[1] / sd[0]) % 2 != 0)
+    return ffi::Error::InvalidArgument(
+        "bertgen_matmul_nn_i4: expects x [M, K], packed q [K/2, N] and scales [K/g, N] with an even g dividing K");
+  matmul_nn(pool, x.typed_data(), q.typed_data(), s.typed_data(), y->typed_data(), xd[0], xd[1], qd[1],
+            xd[1] / sd[0]);
   return ffi::Error::Success();
 }
 
 // y[r0 .. r0+R-1, n0 .. n0+C-1] with w rows contiguous: dot products along k, reduced at the end.
-template <int R, int C>
-void nt_block(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t r0, int64_t n0) {
+template <int R, int C, typename W>
+void nt_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t r0, int64_t n0) {
   vec acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = splat(0.0f);
   int64_t k = 0;
   for (; k + kWidth <= K; k += kWidth) {
     vec wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = load(w + (n0 + c) * K + k);
+    for (int c = 0; c < C; ++c) wv[c] = load_w(w + (n0 + c) * K + k);
     for (int r = 0; r < R; ++r) {
       vec xv = load(x + (r0 + r) * K + k);
       for (int c = 0; c < C; ++c) acc[r][c] += xv * wv[c];
@@ -208,7 +313,7 @@ void nt_block(const float* x, const float* w, float* y, int64_t K, int64_t N, in
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
       float s = hsum(acc[r][c]);
-      for (int64_t j = k; j < K; ++j) s += x[(r0 + r) * K + j] * w[(n0 + c) * K + j];
+      for (int64_t j = k; j < K; ++j) s += x[(r0 + r) * K + j] * widen(w[(n0 + c) * K + j]);
       y[(r0 + r) * N + n0 + c] = s;
     }
 }
@@ -216,17 +321,26 @@ void nt_block(const float* x, const float* w, float* y, int64_t K, int64_t N, in
 constexpr int kNtCols = 4;  // w rows per block
 constexpr int kNtRows = kWidth == 16 ? 4 : 2;
 
-template <int R>
-void nt_rows(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t M, int64_t n0, int64_t n1) {
+template <int R, typename W>
+void nt_rows(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t M, int64_t n0, int64_t n1) {
   int64_t r = 0;
   for (; r + R <= M; r += R) {
     int64_t n = n0;
-    for (; n + kNtCols <= n1; n += kNtCols) nt_block<R, kNtCols>(x, w, y, K, N, r, n);
-    for (; n < n1; ++n) nt_block<R, 1>(x, w, y, K, N, r, n);
+    for (; n + kNtCols <= n1; n += kNtCols) nt_block<R, kNtCols, W>(x, w, y, K, N, r, n);
+    for (; n < n1; ++n) nt_block<R, 1, W>(x, w, y, K, N, r, n);
   }
   if constexpr (R > 1) {
-    if (r < M) nt_rows<R - 1>(x + r * K, w, y + r * N, K, N, M - r, n0, n1);
+    if (r < M) nt_rows<R - 1, W>(x + r * K, w, y + r * N, K, N, M - r, n0, n1);
   }
+}
+
+template <typename W>
+void matmul_nt(ffi::ThreadPool& pool, const float* xp, const W* wp, float* yp, int64_t M, int64_t K, int64_t N) {
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(N / kNtCols, 4 * std::max<int64_t>(1, pool.num_threads())));
+  parallel_for(pool, chunks, [&](int64_t i) {
+    nt_rows<kNtRows, W>(xp, wp, yp, K, N, M, N * i / chunks, N * (i + 1) / chunks);
+  });
 }
 
 ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -234,29 +348,32 @@ ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("bertgen_matmul_nt: expects x [M, K] and w [N, K]");
-  const int64_t M = xd[0], K = xd[1], N = wd[0];
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(N / kNtCols, 4 * std::max<int64_t>(1, pool.num_threads())));
-  parallel_for(pool, chunks, [&](int64_t i) {
-    nt_rows<kNtRows>(xp, wp, yp, K, N, M, N * i / chunks, N * (i + 1) / chunks);
-  });
+  matmul_nt(pool, x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[0]);
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulNTI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || xd[1] != qd[1])
+    return ffi::Error::InvalidArgument("bertgen_matmul_nt_i8: expects x [M, K] and q [N, K]");
+  matmul_nt(pool, x.typed_data(), q.typed_data(), y->typed_data(), xd[0], xd[1], qd[0]);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nn, MatmulNN,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define BERTGEN_BIND2(W) \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<W>>().Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nt, MatmulNT,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nn, MatmulNN, BERTGEN_BIND2(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nn_i8, MatmulNNI8, BERTGEN_BIND2(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nt, MatmulNT, BERTGEN_BIND2(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nt_i8, MatmulNTI8, BERTGEN_BIND2(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nn_i4, MatmulNNI4,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
