@@ -283,6 +283,32 @@ class DenseResidualNorm(nn.Module):
         return _layer_norm(cfg, self.dtype, self.param_dtype, "LayerNorm")(x + residual)
 
 
+def _attention_scores(q: Array, k: Array) -> Array:
+    """q [B, T, N, D] . k [B, N, S, D] -> [B, N, T, S] (unscaled)."""
+    if q.shape[1] == 1:
+        # Written as a matvec over K's contiguous head dim: the [B, 1, N, D] form made XLA transpose the cached
+        # keys to [N, D, S] on every step at batch 1 (8% of a batch-1 step).
+        return jnp.einsum("bnkd,bnd->bnk", k, q[:, 0])[:, :, None, :]
+    # Heads moved next to the batch first (a small copy of q): the dots are then plain batched matmuls [T, D] x
+    # [D, S]. Contracting q as [B, T, N, D] made XLA pick layouts that ran the small batched dots of beam-search
+    # cross-attention (beams folded into T) about 4x slower on the CPU.
+    return jnp.einsum("bnqd,bnkd->bnqk", q.transpose(0, 2, 1, 3), k)
+
+
+def _masked_softmax(scores: Array, allowed: Optional[Array], dtype: Dtype) -> Array:
+    """Softmax over keys in float32, disallowed keys at float32's minimum (as transformers masks)."""
+    if allowed is not None:
+        scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def _attention_context(probs: Array, v: Array) -> Array:
+    """probs [B, N, T, S] @ v [B, N, S, D] -> [B, T, N, D]."""
+    if probs.shape[2] == 1:
+        return jnp.einsum("bnk,bnkd->bnd", probs[:, :, 0], v)[:, None]
+    return jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Module):
     """The one attention: self (bidirectional or causal) or cross, full or against a cache.
 
@@ -330,43 +356,41 @@ class Attention(nn.Module):
         if groups > 1:
             # Cross K/V shared by the `groups` beams (or samples) of each source: fold them into the query axis.
             q = q.reshape(k.shape[0], groups * t, *q.shape[2:])                  # [B_src, G * T, N, D]
-        single = q.shape[1] == 1  # one query per row (a decode step): batched matrix-vector products
-        if single:
-            # Written as a matvec over K's contiguous head dim: the [B, 1, N, D] form made XLA transpose the
-            # cached keys to [N, D, S] on every step at batch 1 (8% of a batch-1 step).
-            scores = jnp.einsum("bnkd,bnd->bnk", k, q[:, 0])[:, :, None, :]            # [B, N, 1, S]
+        causal = self.causal or (self.decode and not self.cross)
+        scale = jnp.sqrt(jnp.asarray(cfg.head_dim, q.dtype))
+        if (self.decode and t == 1 and not self.relative and head_mask is None and not output_attentions
+                and (deterministic or cfg.attention_probs_dropout_prob == 0.0)):
+            # A decode step: one fused single-query attention over the caches (a CPU kernel, else the same XLA).
+            allowed = jnp.ones((k.shape[0], k.shape[2]), bool) if mask is None else (
+                mask if mask.ndim == 2 else mask[:, 0, :]).astype(bool)           # [B_kv, S]
+            if causal:
+                allowed = allowed & (key_positions <= query_positions[0])[None, :]
+            xla = lambda q, k, v, allowed: _attention_context(
+                _masked_softmax(_attention_scores(q, k) / scale, allowed[:, None, None, :], self.dtype), v)
+            context = cpu_kernels.attend_one(q, k, v, allowed, xla).reshape(b, t, cfg.hidden_size)
+            probs = None
         else:
-            # Heads moved next to the batch first (a small copy of q): the dots are then plain batched matmuls
-            # [T, D] x [D, S]. Contracting q as [B, T, N, D] made XLA pick layouts that ran the small batched
-            # dots of beam-search cross-attention (beams folded into T) about 4x slower on the CPU.
-            scores = jnp.einsum("bnqd,bnkd->bnqk", q.transpose(0, 2, 1, 3), k)         # [B, N, T, S]
-        if self.relative:
-            pe = proj.distances(query_positions, key_positions).astype(q.dtype)  # [T, S, D]
-            scores = scores + jnp.einsum("bqnd,qkd->bnqk", q, pe)
-            if cfg.position_embedding_type == "relative_key_query":
-                scores = scores + jnp.einsum("bnkd,qkd->bnqk", k, pe)
-        scores = scores / jnp.sqrt(jnp.asarray(cfg.head_dim, scores.dtype))
-
-        allowed = None
-        if mask is not None:
-            allowed = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
-        if self.causal or (self.decode and not self.cross):
-            causal = key_positions[None, :] <= query_positions[:, None]         # [T, S]
-            allowed = causal[None, None] if allowed is None else jnp.logical_and(allowed, causal)
-        if allowed is not None:
-            scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        if head_mask is not None:
-            probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-        if single:
-            context = jnp.einsum("bnk,bnkd->bnd", probs[:, :, 0], v).reshape(b, t, cfg.hidden_size)  # [B, 1, H]
-        else:
-            context = jnp.einsum("bnqk,bnkd->bnqd", probs, v).transpose(0, 2, 1, 3).reshape(b, t, cfg.hidden_size)
-        if groups > 1 and output_attentions:
-            probs = probs.reshape(k.shape[0], -1, groups, t, probs.shape[-1]).swapaxes(1, 2).reshape(
-                b, -1, t, probs.shape[-1])
+            scores = _attention_scores(q, k)                                     # [B, N, T, S]
+            if self.relative:
+                pe = proj.distances(query_positions, key_positions).astype(q.dtype)  # [T, S, D]
+                scores = scores + jnp.einsum("bqnd,qkd->bnqk", q, pe)
+                if cfg.position_embedding_type == "relative_key_query":
+                    scores = scores + jnp.einsum("bnkd,qkd->bnqk", k, pe)
+            scores = scores / scale
+            allowed = None
+            if mask is not None:
+                allowed = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
+            if causal:
+                within = key_positions[None, :] <= query_positions[:, None]     # [T, S]
+                allowed = within[None, None] if allowed is None else jnp.logical_and(allowed, within)
+            probs = _masked_softmax(scores, allowed, self.dtype)
+            probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+            if head_mask is not None:
+                probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
+            context = _attention_context(probs, v).reshape(b, t, cfg.hidden_size)
+            if groups > 1 and output_attentions:
+                probs = probs.reshape(k.shape[0], -1, groups, t, probs.shape[-1]).swapaxes(1, 2).reshape(
+                    b, -1, t, probs.shape[-1])
         out = DenseResidualNorm(cfg, self.dtype, self.param_dtype, name="output")(context, x, deterministic)
         return out, (probs if output_attentions else None)
 

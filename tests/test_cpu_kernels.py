@@ -88,7 +88,7 @@ def test_a_decode_step_of_the_model_runs_the_kernels(kernels, tmp_path):
     step = lambda p, c, t, e: model.module.apply({"params": p, "cache": c}, t, e, decode=True, mutable=["cache"],
                                                  method=type(model.module).decode)
     hlo = jax.jit(step).lower(model.params, cache, np.array([[2]], np.int32), enc).as_text()
-    assert hlo.count("bertgen_matmul_nn") >= 4 and "bertgen_matmul_nt" in hlo
+    assert hlo.count("bertgen_matmul_nn") >= 4 and "bertgen_matmul_nt" in hlo and "bertgen_attend_one" in hlo
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -167,3 +167,21 @@ def test_the_int8_tied_head_reads_the_integer_table(kernels):
     attend = jax.jit(lambda h, q, s: quantization.quantized_attend(h, q, s, jnp.float32))
     assert np.abs(np.asarray(attend(h, q, s)) - want).max() <= 1e-6 * np.abs(want).max()
     assert "bertgen_matmul_nt_i8" in attend.lower(h, q, s).as_text()
+
+
+@pytest.mark.parametrize("b,g,n,s,d", [(3, 1, 4, 33, 64), (2, 4, 4, 64, 64), (1, 1, 16, 128, 64), (2, 1, 4, 9, 8),
+                                       (2, 3, 2, 70, 32), (2, 1, 2, 5, 48)])
+def test_fused_single_query_attention_equals_the_xla_attention(kernels, b, g, n, s, d):
+    from bertgen_flax import modeling
+    rng = np.random.default_rng(b * 100 + s)
+    q, k, v = (rng.standard_normal(shape, np.float32) for shape in ((b, g, n, d), (b, n, s, d), (b, n, s, d)))
+    allowed = rng.random((b, s)) > 0.3
+    allowed[0] = False  # a row with every key masked: uniform weights, as the XLA path gives
+    scale = np.float32(np.sqrt(d))
+    xla = lambda q, k, v, a: modeling._attention_context(
+        modeling._masked_softmax(modeling._attention_scores(q, k) / scale, a[:, None, None, :], jnp.float32), v)
+    fused = jax.jit(lambda q, k, v, a: cpu_kernels.attend_one(q, k, v, a, xla))
+    assert "bertgen_attend_one" in fused.lower(q, k, v, allowed).as_text()
+    want, got = np.asarray(jax.jit(xla)(q, k, v, allowed)), np.asarray(fused(q, k, v, allowed))
+    assert got.shape == want.shape == (b, g, n, d)
+    assert np.abs(got - want).max() <= 2e-6 * max(1.0, np.abs(want).max())

@@ -10,11 +10,13 @@
 //   bertgen_matmul_nn_i4   y[M, N] = x[M, K] @ (q * s)        q packed 4-bit [K/2, N], s [K/g, N] per group of g rows
 //   bertgen_matmul_nt      y[M, N] = x[M, K] @ w[N, K]^T      w float32 (the tied LM head: the embedding table)
 //   bertgen_matmul_nt_i8   y[M, N] = x[M, K] @ q[N, K]^T      q int8 (the caller scales the columns)
+//   bertgen_attend_one     one decode step's attention: G queries per cache row against its keys and values
 //
 // The integer forms are those of quantization.py; weights are widened in registers, so a step reads 1 (int8) or
 // 1/2 (int4) byte per weight instead of 4. Products accumulate over k in order, with fused multiply-adds. Built
 // by cpu_kernels.py with the host's instruction set (-march=native), so the vector width below follows the machine.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -361,6 +363,141 @@ ffi::Error MatmulNTI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// ---- single-query attention -------------------------------------------------------------------------------------
+// out[b, g, n] = softmax(where(allowed[b], q[b, g, n] . k[b, n]^T / sqrt(D), float32 min)) @ v[b, n]
+// q [B, G, N, D] (G queries share a cache row: the beams of one source), k and v [B, N, S, D] (the cache's
+// head-major layout), allowed [B, S]. The same arithmetic as the XLA path (scores, then the scale, the mask, a
+// max-subtracted exp, a division by the sum), with a vectorised exp; one (b, n) pair reads its keys and values once.
+
+typedef int32_t ivec __attribute__((vector_size(kWidth * sizeof(int32_t))));
+
+// exp(x) to about 2 ulp: x = n ln2 + r, 2^n from the exponent bits, a degree-7 polynomial for exp(r) (Cephes'
+// expf coefficients); below the float range it is 0, as XLA's is.
+inline vec vexp(vec x) {
+  const vec lo = splat(-87.3365478515625f), hi = splat(88.72283172607421875f);
+  vec xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  vec t = xc * splat(1.44269504088896341f);
+  ivec ni = __builtin_convertvector(t + (t >= splat(0.0f) ? splat(0.5f) : splat(-0.5f)), ivec);
+  vec n = __builtin_convertvector(ni, vec);
+  vec r = xc - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  ivec bits = (ni + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(vec));
+  vec y = p * scale;
+  return x < lo ? splat(0.0f) : y;
+}
+
+constexpr float kMasked = -3.4028234663852886e+38f;  // jnp.finfo(float32).min, what the XLA path writes
+
+// Softmax over sc[0:S] in place (S need not be a multiple of kWidth).
+void softmax_row(float* sc, int64_t S) {
+  float m = sc[0];
+  for (int64_t s = 1; s < S; ++s) m = std::max(m, sc[s]);
+  const vec mv = splat(m);
+  vec sum = splat(0.0f);
+  float tail = 0.0f;
+  int64_t s = 0;
+  for (; s + kWidth <= S; s += kWidth) {
+    vec e = vexp(load(sc + s) - mv);
+    store(sc + s, e);
+    sum += e;
+  }
+  if (s < S) {
+    float buf[kWidth];
+    for (int i = 0; i < kWidth; ++i) buf[i] = s + i < S ? sc[s + i] : kMasked;
+    vec e = vexp(load(buf) - mv);
+    for (int i = 0; s + i < S; ++i) {
+      sc[s + i] = e[i];
+      tail += e[i];
+    }
+  }
+  const float total = hsum(sum) + tail;
+  for (int64_t j = 0; j < S; ++j) sc[j] = sc[j] / total;
+}
+
+void attend_pair(const float* q, const float* k, const float* v, const bool* allowed, float* out, float* sc,
+                 int64_t G, int64_t N, int64_t S, int64_t D, float scale) {
+  // q and out: G rows of D with row stride N * D; k, v: S rows of D; sc: G x S scores.
+  if (D % kWidth == 0 && D <= 4 * kWidth) {
+    const int64_t nv = D / kWidth;
+    for (int64_t g = 0; g < G; ++g) {
+      vec qv[4];
+      for (int64_t i = 0; i < nv; ++i) qv[i] = load(q + g * N * D + i * kWidth);
+      for (int64_t s = 0; s < S; ++s) {
+        vec acc = qv[0] * load(k + s * D);
+        for (int64_t i = 1; i < nv; ++i) acc += qv[i] * load(k + s * D + i * kWidth);
+        sc[g * S + s] = hsum(acc);
+      }
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t s = 0; s < S; ++s) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < D; ++d) acc += q[g * N * D + d] * k[s * D + d];
+        sc[g * S + s] = acc;
+      }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* row = sc + g * S;
+    for (int64_t s = 0; s < S; ++s) row[s] = allowed[s] ? row[s] / scale : kMasked;
+    softmax_row(row, S);
+  }
+  if (D % kWidth == 0 && D <= 4 * kWidth) {
+    const int64_t nv = D / kWidth;
+    for (int64_t g = 0; g < G; ++g) {
+      vec acc[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
+      for (int64_t s = 0; s < S; ++s) {
+        vec p = splat(sc[g * S + s]);
+        for (int64_t i = 0; i < nv; ++i) acc[i] += p * load(v + s * D + i * kWidth);
+      }
+      for (int64_t i = 0; i < nv; ++i) store(out + g * N * D + i * kWidth, acc[i]);
+    }
+  } else {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) {
+        float acc = 0.0f;
+        for (int64_t s = 0; s < S; ++s) acc += sc[g * S + s] * v[s * D + d];
+        out[g * N * D + d] = acc;
+      }
+  }
+}
+
+ffi::Error AttendOne(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed, ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = allowed.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 || qd[0] != kd[0] || qd[2] != kd[1] ||
+      qd[3] != kd[3] || kd[0] != vd[0] || kd[1] != vd[1] || kd[2] != vd[2] || kd[3] != vd[3] || md[0] != kd[0] ||
+      md[1] != kd[2])
+    return ffi::Error::InvalidArgument(
+        "bertgen_attend_one: expects q [B, G, N, D], k and v [B, N, S, D] and allowed [B, S]");
+  const int64_t B = qd[0], G = qd[1], N = qd[2], D = qd[3], S = kd[2];
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const bool* ap = allowed.typed_data();
+  float* op = out->typed_data();
+  const float scale = std::sqrt(static_cast<float>(D));
+  const int64_t pairs = B * N;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(pairs, 4 * std::max<int64_t>(1, pool.num_threads())));
+  parallel_for(pool, chunks, [&](int64_t c) {
+    std::vector<float> sc(G * S);
+    for (int64_t pr = pairs * c / chunks; pr < pairs * (c + 1) / chunks; ++pr) {
+      const int64_t b = pr / N, n = pr % N;
+      attend_pair(qp + (b * G * N + n) * D, kp + pr * S * D, vp + pr * S * D, ap + b * S, op + (b * G * N + n) * D,
+                  sc.data(), G, N, S, D, scale);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define BERTGEN_BIND2(W) \
@@ -376,4 +513,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nn_i4, MatmulNNI4,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_attend_one, AttendOne,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
