@@ -106,30 +106,9 @@ class Seq2SeqOutput:
     cross_attentions: Optional[tuple] = None
 
 
-@jax.custom_vjp
-def matmul(x: Array, kernel: Array) -> Array:
-    """x [..., in] @ kernel [in, out], with a backward pass whose kernel gradient comes out as [in, out].
-
-    JAX's own transpose of the matmul computes the kernel gradient as [out, in] and then transposes it: on a CPU
-    those weight-sized transposes were 12% of a training step. Here it is one matmul contracting the token axis.
-    The forward product of few rows (a decode step) runs ``cpu_kernels.matmul`` on the CPU.
-    """
-    return cpu_kernels.matmul(x, kernel)
-
-
-def _matmul_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
-    return cpu_kernels.matmul(x, kernel), (x, kernel)
-
-
-def _matmul_bwd(res: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
-    x, kernel = res
-    dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))              # [..., in]
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dk = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))                          # [in, out]
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+# x [..., in] @ kernel [in, out] for Dense: a CPU kernel for few rows (a decode step), XLA's product otherwise, and
+# a backward pass whose kernel gradient comes out as [in, out] without a transpose (cpu_kernels.py).
+matmul = cpu_kernels.matmul
 
 
 class Dense(nn.Module):
