@@ -121,3 +121,19 @@ def test_gpu_driver_rehearses_every_step_with_tiny_shapes(tmp_path):
     for name in ("generate-bf16", "generate-bf16-cached", "train-bf16"):
         assert (out / f"{name}.json").is_file() and (out / f"{name}.log").is_file()
         assert f"| {name} | ok |" in summary
+
+
+def test_ct2_bench_takes_the_l24_cpu_workload_and_names_bad_options(capsys):
+    import bench_ct2
+    args = bench_ct2.parse_args(["--preset", "l24", "--ct2-threads", "2,1"])
+    assert (args.shape.hidden, args.shape.decoder_layers, args.shape.source, args.shape.new_tokens) == (1024, 24, 64, 32)
+    assert args.case_keys == ["b1", "b8"] and args.ct2_thread_counts == [2, 1]
+    labels = [label for label, _ in bench_ct2.engine_runs(args, {})]
+    assert "ct2-float32-dnnl t1" in labels and "ct2-float32-dnnl" in labels and labels.count("ours") == 1
+    assert bench_ct2.best_ct2_float32({"ours": 1.0, "ct2-float32": 5.0, "ct2-float32-dnnl t1": 2.0}) == \
+        "ct2-float32-dnnl t1"
+    for bad, message in [(["--ct2-threads", "x"], "--ct2-threads"), (["--cases", "b3"], "--cases"),
+                         (["--engines", "ours,ct2-bf16"], "--engines")]:
+        with pytest.raises(SystemExit) as e:
+            bench_ct2.parse_args(bad)
+        assert e.value.code == 2 and message in capsys.readouterr().err
