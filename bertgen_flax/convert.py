@@ -242,15 +242,11 @@ def _get(tree: Mapping, path: Iterable[str]) -> Any:
     return tree
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """``tree[p0][p1]... = value``, creating the dicts on the way."""
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
-
-
-def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    """``tree[p0][p1]... = value``, creating the dicts on the way."""
-    _set(tree, path, value)
 
 
 def pop_path(tree: dict, path: tuple[str, ...]) -> Any:
@@ -350,7 +346,7 @@ def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expec
             to_init.append((e, arrays))
             report.initialised += [k for k, a in zip(keys, arrays) if a is None]
         elif not any(a.shape != layer_shape for a in arrays):
-            _set(params, e.flax_path, np.stack(arrays) if e.layered else arrays[0])
+            set_path(params, e.flax_path, np.stack(arrays) if e.layered else arrays[0])
         report.mapped += [k for k, a in zip(keys, arrays) if a is not None]
     unexpected = []
     for k in sorted(k for k in state if k not in used):
@@ -373,7 +369,7 @@ def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expec
             fresh = np.asarray(_get(initial, e.flax_path))
             if e.layered:
                 fresh = np.stack([fresh[i] if a is None else a for i, a in enumerate(arrays)])
-            _set(params, e.flax_path, fresh)
+            set_path(params, e.flax_path, fresh)
     return params, report
 
 

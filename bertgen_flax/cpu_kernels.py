@@ -1,23 +1,24 @@
-"""CPU kernels for the decode step's matrix products with few rows, through XLA's FFI (``csrc/cpu_kernels.cc``).
+"""CPU kernels for a decode step, through XLA's FFI (``csrc/cpu_kernels.cc``).
 
 XLA:CPU computes a product with a handful of rows (one per sequence in a decode step) well below the memory
 bandwidth that bounds it, and the gap grows with the rows: on a 2-core Xeon a chain of [1024, 4096] products ran
 at 21 GB/s with 1 row, 10 GB/s with 8 and 4.6 GB/s with 32, while PyTorch's MKL reached 28, 15 and 10. The kernels
-stream each weight once for all rows and split the output columns over XLA's own intra-op thread pool.
+stream each weight once for all rows, in memory order, and split the work over XLA's own intra-op thread pool.
 
 ``matmul(x, w)`` and ``matmul_nt(x, w)`` (and the int8 / int4 forms behind ``quantized_matmul``) use them on the
-CPU when x has at most ``MAX_ROWS`` (``MAX_ROWS_NT``) rows, x is float32 and the kernels are built; otherwise, and on every other platform (through
-``jax.lax.platform_dependent``), they are plain ``jnp.dot``. Results agree with XLA's to float32 rounding (the
-products accumulate in order, with fused multiply-adds).
-
-The shared library is compiled on first use with the host compiler (``$CXX``, else ``g++``/``c++``) for the
-host's instruction set, and kept in ``$BERTGEN_KERNEL_CACHE`` (default ``~/.cache/bertgen_flax/kernels``) under a
-name that hashes the source, the compiler and the CPU, so later processes load it. ``BERTGEN_CPU_KERNELS=0``
-turns them off. If no compiler is found or the build fails, a warning says why and XLA's products are used.
+CPU when x has at most ``MAX_ROWS`` (``MAX_ROWS_NT``) rows, x is float32 and the kernels are built; otherwise,
+and on every other platform (through ``jax.lax.platform_dependent``), XLA's products run. Results agree with
+XLA's to float32 rounding (the products accumulate in order, with fused multiply-adds).
 
 ``attend_one`` is a decode step's attention over the caches, fused (scores, mask, softmax and the weighted sum in
 one pass over each row's keys and values): XLA runs it as batched matrix-vector products, a third of a step at
 batch 128 on the same machine.
+
+The shared library is compiled on first use with the host compiler (``$CXX``, else ``g++``/``c++``) for the
+host's instruction set, and kept in ``$BERTGEN_KERNEL_CACHE`` (default ``~/.cache/bertgen_flax/kernels``) under a
+name that hashes the source, the compiler, the CPU and the jax version, so later processes load it.
+``BERTGEN_CPU_KERNELS=0`` turns them off. If no compiler is found or the build fails, a warning says why and XLA's
+products are used.
 """
 from __future__ import annotations
 
@@ -106,11 +107,15 @@ def available() -> bool:
     return True
 
 
+def _on_cpu() -> bool:
+    # Built only where the CPU is the default backend: a GPU or TPU process never compiles them.
+    return jax.default_backend() == "cpu" and available()
+
+
 def _usable(x: jax.Array, w: jax.Array, max_rows: int, weight_dtypes: tuple = (jnp.float32,)) -> bool:
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    # Built only where the CPU is the default backend: a GPU or TPU process never compiles them.
     return (0 < rows <= max_rows and x.dtype == jnp.float32 and w.dtype in weight_dtypes and w.ndim == 2
-            and jax.default_backend() == "cpu" and available())
+            and _on_cpu())
 
 
 def _call(target: str, x: jax.Array, operands: tuple, n: int) -> jax.Array:
@@ -157,7 +162,7 @@ def attend_one(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, xla
     """One decode step's attention: q [B, G, N, D] (G queries per cache row), k and v [B, N, S, D], allowed
     [B, S] -> [B, G, N, D], fused in one pass over each row's keys and values on the CPU (float32); ``xla(q, k, v,
     allowed)`` elsewhere. Inference only: it has no derivative."""
-    if not (q.dtype == k.dtype == v.dtype == jnp.float32 and jax.default_backend() == "cpu" and available()):
+    if not (q.dtype == k.dtype == v.dtype == jnp.float32 and _on_cpu()):
         return xla(q, k, v, allowed)
     cpu = lambda q, k, v, a: jax.ffi.ffi_call("bertgen_attend_one", jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                               vmap_method="sequential")(q, k, v, a)

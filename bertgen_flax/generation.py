@@ -82,20 +82,25 @@ def _unrolled(module: Any, params: Any) -> tuple[Any, Any]:
     return module.clone(scan_layers=False), unstack_layers(params)
 
 
+def _in_step_layout(cache: Any, unstack: bool) -> Any:
+    """A cache the decoder wrote with its layers as stored, in the layout of the unrolled steps when they differ
+    (``unstack``: stacked ``layer`` leaves sliced per layer, a copy of the cache once per call)."""
+    if not unstack:
+        return cache
+    from .convert import unstack_layers
+    return unstack_layers(cache)
+
+
 def _prefill(run_stored: Callable, unstack: bool) -> Callable:
-    """The prompt pass through the decoder as stored (scanned layers: one layer traced, not L), its cache then
-    unstacked to the unrolled steps' layout when they differ (a copy of the cache once per call).
+    """The prompt pass through the decoder as stored (scanned layers: one layer traced, not L), its cache then in
+    the steps' layout.
 
     The prompt pass runs once per call, so the per-layer weight slices of a scan cost little there, while tracing
     the unrolled decoder a second time, only for it, roughly doubled the decode program's compile time.
     """
-    if not unstack:
-        return run_stored
-    from .convert import unstack_layers
-
     def prefill(cache, tokens):
         logits, cache = run_stored(cache, tokens)
-        return logits, unstack_layers(cache)
+        return logits, _in_step_layout(cache, unstack)
     return prefill
 
 
@@ -126,7 +131,6 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
                      unroll: bool = True) -> Callable:
     """The whole generate call for one bucket: ``rows`` sequences per encoder chunk, sequence scores or not, the
     decoder unrolled (``unroll``) or run as stored."""
-    from .convert import unstack_layers
     from .modeling import EncoderDecoderModule, empty_cache
     copies = _expand(spec)
 
@@ -157,8 +161,7 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
             cache = empty_cache(unrolled, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
             _, primed = module.apply({"params": params}, enc, method=EncoderDecoderModule.prime_cross_attention,
                                      mutable=["cache"])
-            primed = primed["cache"]
-            cache = _merge(cache, unstack_layers(primed) if unrolled is not module else primed)
+            cache = _merge(cache, _in_step_layout(primed["cache"], unrolled is not module))
             prefill = step
         else:
             # The prompt pass runs the decoder as stored and hands the steps its cache in their layout.
