@@ -185,3 +185,13 @@ def test_fused_single_query_attention_equals_the_xla_attention(kernels, b, g, n,
     want, got = np.asarray(jax.jit(xla)(q, k, v, allowed)), np.asarray(fused(q, k, v, allowed))
     assert got.shape == want.shape == (b, g, n, d)
     assert np.abs(got - want).max() <= 2e-6 * max(1.0, np.abs(want).max())
+
+
+def test_a_kernel_given_mismatched_shapes_names_what_it_expects(kernels):
+    call = jax.ffi.ffi_call("bertgen_matmul_nn", jax.ShapeDtypeStruct((1, 3), jnp.float32))
+    with pytest.raises(Exception, match=r"bertgen_matmul_nn: expects x \[M, K\] and w \[K, N\]"):
+        jax.block_until_ready(jax.jit(call)(jnp.ones((1, 4)), jnp.ones((5, 3))))
+    attend = jax.ffi.ffi_call("bertgen_attend_one", jax.ShapeDtypeStruct((1, 1, 2, 8), jnp.float32))
+    with pytest.raises(Exception, match=r"bertgen_attend_one: expects q \[B, G, N, D\]"):
+        jax.block_until_ready(jax.jit(attend)(jnp.ones((1, 1, 2, 8)), jnp.ones((1, 2, 5, 8)), jnp.ones((1, 2, 5, 8)),
+                                              jnp.ones((1, 4), bool)))
