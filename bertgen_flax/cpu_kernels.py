@@ -34,13 +34,20 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-MAX_ROWS = 32     # NN products: at 64 rows XLA's own were as fast (measured on the decode step's shapes)
-MAX_ROWS_NT = 8   # NT products (the tied LM head): at 32 rows XLA's were faster
+MAX_ROWS = 8         # streaming kernels (memory-bound: a weight read once for all rows) up to this many rows
+MAX_ROWS_NT = 8
+QUANTIZED_MAX_ROWS = 32  # the int8 / int4 kernels (streaming, widening in registers); XLA's products above
+GEMM_MIN_ROWS = MAX_ROWS + 1   # the packed (compute-bound) products from here on
+_NO_LIMIT = 1 << 62
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cc")
 _TARGETS = ("bertgen_matmul_nn", "bertgen_matmul_nt", "bertgen_matmul_nn_i8", "bertgen_matmul_nt_i8",
-            "bertgen_matmul_nn_i4", "bertgen_attend_one")
+            "bertgen_matmul_nn_i4", "bertgen_attend_one", "bertgen_gemm_nn", "bertgen_gemm_nn_bias")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+_PANEL = 0  # columns per packed panel of the loaded build (head-major outputs need head_dim % _PANEL == 0)
 
 
 def _compiler() -> Optional[str]:
@@ -100,6 +107,8 @@ def available() -> bool:
         lib = ctypes.cdll.LoadLibrary(path)
         for name in _TARGETS:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        global _PANEL
+        _PANEL = int(lib.bertgen_panel_width())
     except (OSError, RuntimeError, AttributeError) as e:
         warnings.warn(f"bertgen_flax: the CPU kernels could not be built or loaded ({e}); decode steps on the CPU "
                       f"use XLA's matrix products", RuntimeWarning, stacklevel=2)
@@ -112,28 +121,35 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu" and available()
 
 
-def _usable(x: jax.Array, w: jax.Array, max_rows: int, weight_dtypes: tuple = (jnp.float32,)) -> bool:
-    rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    return (0 < rows <= max_rows and x.dtype == jnp.float32 and w.dtype in weight_dtypes and w.ndim == 2
-            and _on_cpu())
+def _rows(x: jax.Array) -> int:
+    return x.size // x.shape[-1] if x.shape[-1] else 0
 
 
-def _call(target: str, x: jax.Array, operands: tuple, n: int) -> jax.Array:
+def _usable(x: jax.Array, w: jax.Array, max_rows: int, weight_dtypes: tuple = (jnp.float32,),
+            min_rows: int = 1) -> bool:
+    return (min_rows <= _rows(x) <= max_rows and x.dtype == jnp.float32 and w.dtype in weight_dtypes
+            and w.ndim == 2 and _on_cpu())
+
+
+def _call(target: str, x: jax.Array, operands: tuple, n: int, **attrs: Any) -> jax.Array:
     x2 = x.reshape(-1, x.shape[-1])                                               # [M, K]
     out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
-                           vmap_method="sequential")(x2, *operands)
+                           vmap_method="sequential")(x2, *operands, **attrs)
     return out.reshape(*x.shape[:-1], n)
 
 
 def _kernel_or(cpu: Callable, xla: Callable, x: jax.Array, operands: tuple, max_rows: int,
-               weight_dtypes: tuple = (jnp.float32,)) -> jax.Array:
+               weight_dtypes: tuple = (jnp.float32,), min_rows: int = 1) -> jax.Array:
     """``cpu(x, *operands)`` (a kernel) on the CPU when it applies, else, and on other platforms, ``xla(...)``."""
-    if not _usable(x, operands[0], max_rows, weight_dtypes):
+    if not _usable(x, operands[0], max_rows, weight_dtypes, min_rows):
         return xla(x, *operands)
     return jax.lax.platform_dependent(x, *operands, cpu=cpu, default=xla)
 
 
 def _nn(x: jax.Array, w: jax.Array) -> jax.Array:
+    if _rows(x) >= GEMM_MIN_ROWS:
+        return _kernel_or(lambda x, w: _call("bertgen_gemm_nn", x, (w,), w.shape[1]), jnp.dot, x, (w,),
+                          _NO_LIMIT, min_rows=GEMM_MIN_ROWS)
     return _kernel_or(lambda x, w: _call("bertgen_matmul_nn", x, (w,), w.shape[1]), jnp.dot, x, (w,), MAX_ROWS)
 
 
@@ -149,7 +165,7 @@ def quantized_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Callable
         cpu = lambda x, q, s: _call("bertgen_matmul_nn_i4", x, (q, s), q.shape[1])
     else:
         cpu = lambda x, q, s: _call("bertgen_matmul_nn_i8", x, (q,), q.shape[1]) * s
-    return _kernel_or(cpu, xla, x, (q, scale), MAX_ROWS, (jnp.int8, jnp.uint8))
+    return _kernel_or(cpu, xla, x, (q, scale), QUANTIZED_MAX_ROWS, (jnp.int8, jnp.uint8))
 
 
 def quantized_matmul_nt(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Callable) -> jax.Array:
@@ -158,15 +174,22 @@ def quantized_matmul_nt(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Calla
     return _kernel_or(cpu, xla, x, (q, scale), MAX_ROWS_NT, (jnp.int8,))
 
 
-def attend_one(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, xla: Callable) -> jax.Array:
-    """One decode step's attention: q [B, G, N, D] (G queries per cache row), k and v [B, N, S, D], allowed
-    [B, S] -> [B, G, N, D], fused in one pass over each row's keys and values on the CPU (float32); ``xla(q, k, v,
-    allowed)`` elsewhere. Inference only: it has no derivative."""
+def _attend_kernel(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, xla: Callable) -> jax.Array:
     if not (q.dtype == k.dtype == v.dtype == jnp.float32 and _on_cpu()):
         return xla(q, k, v, allowed)
     cpu = lambda q, k, v, a: jax.ffi.ffi_call("bertgen_attend_one", jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                               vmap_method="sequential")(q, k, v, a)
     return jax.lax.platform_dependent(q, k, v, allowed, cpu=cpu, default=xla)
+
+
+_attend = None  # set below, once _fused is defined
+
+
+def attend_one(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, xla: Callable) -> jax.Array:
+    """Attention of q [B, G, N, D] (G queries per key row: a decode step's beams, or an encoder's tokens) over k
+    and v [B, N, S, D] where allowed [B, S] -> [B, G, N, D]: scores, mask, softmax and the weighted sum fused on
+    the CPU (float32); ``xla(q, k, v, allowed)`` elsewhere, and its derivative under differentiation."""
+    return _attend(q, k, v, allowed, xla)
 
 
 def _with_xla_gradients(forward: Callable, w_rows_are_outputs: bool) -> Callable:
@@ -194,3 +217,87 @@ matmul = _with_xla_gradients(_nn, w_rows_are_outputs=False)
 matmul.__doc__ = "x [..., K] @ w [K, N] (w as a Dense stores it, [in, out]); differentiable."
 matmul_nt = _with_xla_gradients(_nt, w_rows_are_outputs=True)
 matmul_nt.__doc__ = "x [..., K] @ w [N, K]^T (w as stored, e.g. an embedding table); differentiable."
+
+
+# ---- fused epilogues: bias, GELU, head-major outputs ------------------------------------------------------------
+# The packed products can finish their output tile in registers: add the bias, apply GELU, or write keys/values
+# straight into the head-major [B, heads, S, head_dim] layout the attention reads. XLA would make each of those
+# a separate pass over the output (GELU over the encoder's [1024, 1024] intermediate alone was 1.2 ms on 2 cores;
+# the transposes of the cross-attention keys/values, about 5 ms of a batch-32 call).
+#
+# The kernel is the primal (inference); under differentiation ``jax.vjp`` of the reference (``matmul`` and XLA
+# operations, the same numbers to float32 rounding) gives the forward and backward passes, so training is as before.
+KERNEL_ACTIVATIONS = {"gelu": 1}  # activation name -> the kernel's epilogue code (the erf GELU, as torch's)
+
+
+def _fused(kernel: Callable, reference: Callable, nondiff: tuple = ()) -> Callable:
+    """``kernel`` as the primal, differentiated as ``reference`` (the arguments at ``nondiff`` are static)."""
+    f = jax.custom_vjp(kernel, nondiff_argnums=nondiff)
+
+    def fwd(*args):
+        def ref(*diff):
+            it = iter(diff)
+            return reference(*[a if i in nondiff else next(it) for i, a in enumerate(args)])
+        return jax.vjp(ref, *[a for i, a in enumerate(args) if i not in nondiff])
+
+    f.defvjp(fwd, lambda *args: args[-2](args[-1]))  # bwd(*static, vjp, cotangent)
+    return f
+
+
+def _dense_reference(x: jax.Array, w: jax.Array, b: jax.Array, act: Optional[Callable]) -> jax.Array:
+    y = matmul(x, w) + b
+    return y if act is None else act(y)
+
+
+def _dense_kernel(x: jax.Array, w: jax.Array, b: jax.Array, act: Optional[Callable]) -> jax.Array:
+    code = 0 if act is None else getattr(act, "kernel_code", None)
+    if code is None or b.dtype != jnp.float32 or not _usable(x, w, _NO_LIMIT, min_rows=GEMM_MIN_ROWS):
+        return _dense_reference(x, w, b, act)
+    cpu = lambda x, w, b: _call("bertgen_gemm_nn_bias", x, (w, b), w.shape[1], act=np.int64(code))
+    return jax.lax.platform_dependent(x, w, b, cpu=cpu, default=lambda x, w, b: _dense_reference(x, w, b, act))
+
+
+_dense = _fused(_dense_kernel, _dense_reference, nondiff=(3,))
+_attend = _fused(_attend_kernel, lambda q, k, v, allowed, xla: xla(q, k, v, allowed), nondiff=(4,))
+
+
+def dense(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None, activation: Optional[Callable] = None
+          ) -> jax.Array:
+    """``activation(x @ w + b)`` (w [in, out] as stored); differentiable. On the CPU, from ``GEMM_MIN_ROWS`` rows,
+    the bias and an activation that carries a ``kernel_code`` (see ``fusable``) are applied inside the product."""
+    if b is None:
+        y = matmul(x, w)
+        return y if activation is None else activation(y)
+    return _dense(x, w, b, activation)
+
+
+def fusable(fn: Callable, name: str) -> Callable:
+    """``fn`` marked as computing the kernel epilogue ``KERNEL_ACTIVATIONS[name]`` (so ``dense`` may fuse it)."""
+    fn.kernel_code = KERNEL_ACTIVATIONS[name]
+    return fn
+
+
+def _heads_reference(x: jax.Array, w: jax.Array, b: jax.Array, heads: int) -> jax.Array:
+    y = matmul(x, w) + b                                                          # [B, S, N * D]
+    return y.reshape(*y.shape[:2], heads, -1).transpose(0, 2, 1, 3)             # [B, N, S, D]
+
+
+def _heads_kernel(x: jax.Array, w: jax.Array, b: jax.Array, heads: int) -> jax.Array:
+    n = w.shape[1]
+    if (x.ndim != 3 or b.dtype != jnp.float32 or n % heads or not _usable(x, w, _NO_LIMIT, min_rows=GEMM_MIN_ROWS)
+            or (n // heads) % _PANEL):
+        return _heads_reference(x, w, b, heads)
+    bsz, seq = x.shape[:2]
+    shape = jax.ShapeDtypeStruct((bsz, heads, seq, n // heads), jnp.float32)
+    cpu = lambda x, w, b: jax.ffi.ffi_call("bertgen_gemm_nn_bias", shape, vmap_method="sequential")(
+        x.reshape(-1, x.shape[-1]), w, b, act=np.int64(0))
+    return jax.lax.platform_dependent(x, w, b, cpu=cpu, default=lambda x, w, b: _heads_reference(x, w, b, heads))
+
+
+_dense_heads = _fused(_heads_kernel, _heads_reference, nondiff=(3,))
+
+
+def dense_heads(x: jax.Array, w: jax.Array, b: jax.Array, heads: int) -> jax.Array:
+    """x [B, S, in] @ w + b split into ``heads`` and laid out head-major, [B, heads, S, out / heads]; on the CPU
+    written in that layout by the product itself (no transpose pass). Differentiable."""
+    return _dense_heads(x, w, b, heads)

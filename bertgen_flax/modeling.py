@@ -47,6 +47,9 @@ def _gelu_fast(x: Array) -> Array:
 
 
 # Each entry computes what transformers' ACT2FN entry of the same name computes.
+# The erf GELU is also a CPU kernel epilogue (cpu_kernels.dense fuses it into the product).
+_gelu_erf = cpu_kernels.fusable(_gelu_erf, "gelu")
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": _gelu_erf,  # the exact erf form, as torch.nn.functional.gelu
     "gelu_new": _gelu_tanh,
@@ -121,15 +124,28 @@ class Dense(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        if self.has_variable("params", "qkernel"):
+    def __call__(self, x: Array, heads: int = 0, activation: Optional[Callable] = None) -> Array:
+        """``activation(x @ kernel + bias)`` [..., out]; with ``heads``, x [B, S, in] gives [B, heads, S, out / heads]
+        (head-major, as attention reads keys and values). On the CPU the bias, a fusable activation and the
+        head-major layout are part of the product (``cpu_kernels.dense``)."""
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+        if not self.has_variable("params", "qkernel"):
+            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+            x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+            if heads and bias is not None:
+                return cpu_kernels.dense_heads(x, kernel, bias, heads)             # [B, N, S, D]
+            y = cpu_kernels.dense(x, kernel, bias, activation)                     # [..., out]
+            activation = None
+        else:
             y = quantization.quantized_dense(x, self.get_variable("params", "qkernel"),
                                              self.get_variable("params", "qscale"), self.dtype)
-        else:
-            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-            y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))            # [..., out]
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+            y = y if bias is None else y + bias
+        if activation is not None:
+            y = activation(y)
+        if heads:
+            y = y.reshape(*y.shape[:2], heads, -1).transpose(0, 2, 1, 3)          # [B, N, S, D]
         return y
 
 
@@ -161,13 +177,15 @@ class Embed(nn.Module):
                                                  self.get_variable("params", "qscale"), ids, self.dtype)
         return jnp.take(self._table(), ids, axis=0).astype(self.dtype)
 
-    def attend(self, h: Array) -> Array:
-        """h [B, T, features] @ table^T -> [B, T, num]."""
+    def attend(self, h: Array, bias: Optional[Array] = None) -> Array:
+        """h [B, T, features] @ table^T (+ bias [num]) -> [B, T, num]."""
         if self._quantized():
-            return quantization.quantized_attend(h, self.get_variable("params", "qembedding"),
-                                                 self.get_variable("params", "qscale"), self.dtype)
+            logits = quantization.quantized_attend(h, self.get_variable("params", "qembedding"),
+                                                   self.get_variable("params", "qscale"), self.dtype)
+            return logits if bias is None else logits + bias
         # contract with the table as stored: a transposed copy per decode step costs more than the matmul
-        return cpu_kernels.matmul_nt(h.astype(self.dtype), self._table().astype(self.dtype))
+        logits = cpu_kernels.matmul_nt(h.astype(self.dtype), self._table().astype(self.dtype))
+        return logits if bias is None else logits + bias
 
 
 def _dense(features: int, config: BertGenerationConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> Dense:
@@ -205,9 +223,9 @@ class Embeddings(nn.Module):
         x = inputs_embeds.astype(self.dtype) + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
-    def attend(self, x: Array) -> Array:
-        """x @ word_embeddings^T: the tied LM head's matmul."""
-        return self.word_embeddings.attend(x)
+    def attend(self, x: Array, bias: Optional[Array] = None) -> Array:
+        """x @ word_embeddings^T (+ bias): the tied LM head's product."""
+        return self.word_embeddings.attend(x, bias)
 
 
 class AttentionProjections(nn.Module):
@@ -238,8 +256,8 @@ class AttentionProjections(nn.Module):
 
     def keys_values(self, x: Array) -> tuple[Array, Array]:
         """Keys and values head-major, [B, N, S, D]: the layout the cache stores and the einsums read."""
-        return (self.split_heads(self.key(x)).transpose(0, 2, 1, 3),
-                self.split_heads(self.value(x)).transpose(0, 2, 1, 3))
+        n = self.config.num_attention_heads
+        return self.key(x, heads=n), self.value(x, heads=n)
 
     def distances(self, query_positions: Array, key_positions: Array) -> Array:
         """Embeddings of query-minus-key distances, [T, S, D], indexed as transformers 4.57 does."""
@@ -337,15 +355,20 @@ class Attention(nn.Module):
             q = q.reshape(k.shape[0], groups * t, *q.shape[2:])                  # [B_src, G * T, N, D]
         causal = self.causal or (self.decode and not self.cross)
         scale = jnp.sqrt(jnp.asarray(cfg.head_dim, q.dtype))
-        if (self.decode and t == 1 and not self.relative and head_mask is None and not output_attentions
-                and (deterministic or cfg.attention_probs_dropout_prob == 0.0)):
-            # A decode step: one fused single-query attention over the caches (a CPU kernel, else the same XLA).
+        step = self.decode and t == 1
+        if ((step or (not causal and (mask is None or mask.ndim == 2))) and not self.relative and head_mask is None
+                and not output_attentions and (deterministic or cfg.attention_probs_dropout_prob == 0.0)):
+            # A decode step, or attention without a causal mask (the encoder, cross-attention): one fused attention
+            # over the keys and values (a CPU kernel, else the same XLA, whose derivative training uses).
             allowed = jnp.ones((k.shape[0], k.shape[2]), bool) if mask is None else (
                 mask if mask.ndim == 2 else mask[:, 0, :]).astype(bool)           # [B_kv, S]
             if causal:
                 allowed = allowed & (key_positions <= query_positions[0])[None, :]
+            # closes over Python values only (it is a static argument of a custom derivative)
+            root, dtype = math.sqrt(cfg.head_dim), self.dtype
             xla = lambda q, k, v, allowed: _attention_context(
-                _masked_softmax(_attention_scores(q, k) / scale, allowed[:, None, None, :], self.dtype), v)
+                _masked_softmax(_attention_scores(q, k) / jnp.asarray(root, q.dtype), allowed[:, None, None, :],
+                                dtype), v)
             context = cpu_kernels.attend_one(q, k, v, allowed, xla).reshape(b, t, cfg.hidden_size)
             probs = None
         else:
@@ -407,8 +430,8 @@ class Intermediate(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        x = _dense(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "dense")(x)   # [B, T, I]
-        return ACTIVATIONS[cfg.hidden_act](x)
+        return _dense(cfg.intermediate_size, cfg, self.dtype, self.param_dtype, "dense")(
+            x, activation=ACTIVATIONS[cfg.hidden_act])                                # [B, T, I]
 
 
 class Layer(nn.Module):
@@ -512,9 +535,9 @@ class BertGenerationModule(nn.Module):
         """Embeddings and the layer stack."""
         self.embeddings = Embeddings(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def attend_word_embeddings(self, h: Array) -> Array:
-        """h [B, T, H] @ word_embeddings^T [H, V]: the matmul of a tied LM head."""
-        return self.embeddings.attend(h)
+    def attend_word_embeddings(self, h: Array, bias: Optional[Array] = None) -> Array:
+        """h [B, T, H] @ word_embeddings^T [H, V] (+ bias [V]): the product of a tied LM head."""
+        return self.embeddings.attend(h, bias)
 
     @nn.compact
     def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
@@ -578,12 +601,10 @@ class LMHead(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), self.param_dtype)
         h = h.astype(self.dtype)
         if cfg.tie_word_embeddings:
-            logits = attend_word_embeddings(h)                                                   # [B, T, V]
-        else:
-            decoder = Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=nn.initializers.normal(cfg.initializer_range), name="decoder")
-            logits = decoder(h)
-        return logits + bias.astype(self.dtype)
+            return attend_word_embeddings(h, bias.astype(self.dtype))                          # [B, T, V]
+        decoder = Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=nn.initializers.normal(cfg.initializer_range), name="decoder")
+        return decoder(h) + bias.astype(self.dtype)
 
 
 def empty_cache(module: nn.Module, ids_shape: tuple[int, int], *args: Any, method: Any = None,

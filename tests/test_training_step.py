@@ -146,7 +146,11 @@ def test_gradient_accumulation_over_two_halves_equals_one_full_step(pair):
         s2, _ = step2(s2, half)
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(s1.params),
                                                           jax.tree_util.tree_leaves(s2.params)))
-    assert diff <= 1e-6
+    # Equal up to float32 rounding: a half batch has fewer rows, so its products may run another CPU kernel (the
+    # streaming one up to 8 rows, the packed one above), and Adam turns a rounding-level gradient difference on a
+    # near-zero gradient into an update difference of up to a few lr * 1e-3. Averaging wrongly (summing the halves,
+    # or applying each) moves parameters by about lr = 1e-3.
+    assert diff <= 1e-5
 
 
 SHARDED_SCRIPT = r"""

@@ -222,7 +222,7 @@ def test_warm_started_bert2bert_loss_equals_transformers_given_its_cross_attenti
     tree = {}
     for key, value in _flat(warm.params).items():
         copy = "crossattention" in key or key == ("decoder", "lm_head", "bias")
-        convert._set(tree, key, fresh[key] if copy else value)
+        convert.set_path(tree, key, fresh[key] if copy else value)
     # the ids transformers' bert2bert was given (the warm start leaves decoder_start_token_id unset: see above)
     model = bg.EncoderDecoderModel(warm.config.replace(decoder_start_token_id=2, pad_token_id=0), params=tree)
     ids, mask = _padded_batch(4)
