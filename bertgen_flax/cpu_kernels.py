@@ -43,7 +43,8 @@ GEMM_MIN_ROWS = MAX_ROWS + 1   # the packed (compute-bound) products from here o
 _NO_LIMIT = 1 << 62
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cc")
 _TARGETS = ("bertgen_matmul_nn", "bertgen_matmul_nt", "bertgen_matmul_nn_i8", "bertgen_matmul_nt_i8",
-            "bertgen_matmul_nn_i4", "bertgen_attend_one", "bertgen_gemm_nn", "bertgen_gemm_nn_bias")
+            "bertgen_matmul_nn_i4", "bertgen_attend_one", "bertgen_gemm_nn", "bertgen_gemm_nn_bias",
+            "bertgen_reorder_rows", "bertgen_gemm_packed", "bertgen_argmax_rows")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -301,3 +302,85 @@ def dense_heads(x: jax.Array, w: jax.Array, b: jax.Array, heads: int) -> jax.Arr
     """x [B, S, in] @ w + b split into ``heads`` and laid out head-major, [B, heads, S, out / heads]; on the CPU
     written in that layout by the product itself (no transpose pass). Differentiable."""
     return _dense_heads(x, w, b, heads)
+
+
+def reorder_rows(x: jax.Array, rows: jax.Array, length: jax.Array) -> jax.Array:
+    """Beam search's cache reorder: x [B, N, S, D] with row b taken from row ``rows[b]`` at the positions before
+    ``length`` (those after it are not written yet and may keep other values). On the CPU in place, copying only
+    those positions of the rows that change; ``jnp.take`` elsewhere. Inference only."""
+    xla = lambda x, rows, length: jnp.take(x, rows, axis=0)
+    if not (x.dtype == jnp.float32 and x.ndim == 4 and _on_cpu()):
+        return xla(x, rows, length)
+    cpu = lambda x, rows, length: jax.ffi.ffi_call(
+        "bertgen_reorder_rows", jax.ShapeDtypeStruct(x.shape, x.dtype), input_output_aliases={0: 0})(
+        x, rows.astype(jnp.int32), jnp.asarray(length, jnp.int32))
+    return jax.lax.platform_dependent(x, rows, length, cpu=cpu, default=xla)
+
+
+# ---- weights packed once per generate call ---------------------------------------------------------------------
+# The packed products copy each weight into panels of the build's panel width on every call; a decode step with
+# 9 or more rows would copy every decoder weight once per step. ``pack_for_steps`` does that copy once, in the
+# generate program before its loop, into ``pkernel`` [P, in, width] leaves (and ``pembedding`` for a tied LM head,
+# the table transposed into the same layout), which ``Dense`` and ``Embed.attend`` then hand to
+# ``bertgen_gemm_packed`` as they are. It costs a second copy of the decoder's weights while the call runs.
+def packing_pays(rows: int) -> bool:
+    """Whether steps of ``rows`` rows run the packed products on this process's CPU kernels."""
+    return rows >= GEMM_MIN_ROWS and _on_cpu() and _PANEL > 0
+
+
+def pack_kernel(w: jax.Array) -> jax.Array:
+    """A Dense kernel [in, out] as panels [P, in, width] (columns past ``out`` zero)."""
+    k, n = w.shape
+    p = -(-n // _PANEL)
+    return jnp.pad(w, ((0, 0), (0, p * _PANEL - n))).reshape(k, p, _PANEL).transpose(1, 0, 2)
+
+
+def pack_table(e: jax.Array) -> jax.Array:
+    """A table [num, features] used as x @ table^T, as panels [P, features, width] of its rows."""
+    v, k = e.shape
+    p = -(-v // _PANEL)
+    return jnp.pad(e, ((0, p * _PANEL - v), (0, 0))).reshape(p, _PANEL, k).transpose(0, 2, 1)
+
+
+def pack_for_steps(tree: Any, tied_table: bool) -> Any:
+    """``tree`` (a decoder's params) with every float32 Dense ``kernel`` replaced by its ``pkernel`` and, when the
+    LM head is tied (``tied_table``), a ``pembedding`` beside the word embeddings' table."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "kernel" and getattr(value, "ndim", 0) == 2 and value.dtype == jnp.float32:
+            out["pkernel"] = pack_kernel(value)
+        elif isinstance(value, dict):
+            out[key] = pack_for_steps(value, tied_table)
+            if (key == "word_embeddings" and tied_table and "embedding" in value
+                    and value["embedding"].dtype == jnp.float32):
+                out[key] = dict(out[key], pembedding=pack_table(value["embedding"]))
+        else:
+            out[key] = value
+    return out
+
+
+def packed_dense(x: jax.Array, wp: jax.Array, b: jax.Array, n: int, activation: Optional[Callable] = None
+                 ) -> jax.Array:
+    """``activation(x @ w + b)`` [..., n] from w packed by ``pack_kernel`` / ``pack_table``. Inference only."""
+    code = 0 if activation is None else getattr(activation, "kernel_code", None)
+
+    def xla(x, wp, b):
+        y = jnp.einsum("...k,pkj->...pj", x, wp).reshape(*x.shape[:-1], -1)[..., :n] + b
+        return y if activation is None else activation(y)
+    if code is None or not (x.dtype == wp.dtype == b.dtype == jnp.float32 and wp.shape[-1] == _PANEL
+                            and _usable(x, wp[0], _NO_LIMIT)):
+        return xla(x, wp, b)
+    cpu = lambda x, wp, b: _call("bertgen_gemm_packed", x, (wp, b), n, act=np.int64(code))
+    return jax.lax.platform_dependent(x, wp, b, cpu=cpu, default=xla)
+
+
+def argmax_rows(x: jax.Array, xla: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """The first maximum's index of each row of x [N, V] (the first NaN's, if any), int32 [N]: one pass on the CPU
+    (float32); ``xla(x)`` elsewhere."""
+    if not (x.dtype == jnp.float32 and x.ndim == 2 and x.shape[1] > 0 and _on_cpu()):
+        return xla(x)
+    cpu = lambda x: jax.ffi.ffi_call("bertgen_argmax_rows", jax.ShapeDtypeStruct(x.shape[:1], jnp.int32))(x)
+    return jax.lax.platform_dependent(x, cpu=cpu, default=xla)
+

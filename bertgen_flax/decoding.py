@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import cpu_kernels
+
 Array = jax.Array
 NEG_INF = -float("inf")
 BEAM_NEG = -1.0e9  # transformers' "very large negative" for beam bookkeeping
@@ -191,11 +193,13 @@ def process_scores(spec: SearchSpec, scores: Array, sequences: Array, cur_len: A
         scores = _no_repeat_ngram(scores, sequences, cur_len, spec.no_repeat_ngram_size)
     if spec.bad_words_ids:
         scores = _bad_words(scores, sequences, cur_len, spec.bad_words_ids)
-    eos = jnp.zeros((v,), bool).at[jnp.array(spec.eos_ids, jnp.int32)].set(True) if spec.eos_ids else None
-    if eos is not None and spec.min_length > 0:
-        scores = jnp.where(eos & (cur_len < spec.min_length), NEG_INF, scores)
-    if eos is not None and spec.min_new_tokens > 0:
-        scores = jnp.where(eos & (cur_len - spec.prompt_length < spec.min_new_tokens), NEG_INF, scores)
+    # EOS bans touch the EOS columns only (a where over all of [N, V] was a pass over the logits every step)
+    eos = jnp.array([e for e in spec.eos_ids if 0 <= e < v], jnp.int32)
+    if eos.size and spec.min_length > 0:
+        scores = scores.at[:, eos].set(jnp.where(cur_len < spec.min_length, NEG_INF, scores[:, eos]))
+    if eos.size and spec.min_new_tokens > 0:
+        banned = cur_len - spec.prompt_length < spec.min_new_tokens
+        scores = scores.at[:, eos].set(jnp.where(banned, NEG_INF, scores[:, eos]))
     if spec.forced_eos_ids:
         forced = jnp.full((v,), NEG_INF).at[jnp.array(spec.forced_eos_ids)].set(0.0)
         scores = jnp.where(cur_len == spec.max_length - 1, forced[None, :], scores)
@@ -265,16 +269,18 @@ def _top_p(scores: Array, top_p: float, keep: int) -> Array:
 
 
 def first_argmax(x: Array) -> Array:
-    """``jnp.argmax(x, -1)`` (the first maximum; the first NaN if any) as two plain reductions.
+    """``jnp.argmax(x, -1)`` (the first maximum; the first NaN if any) for x [N, V].
 
     XLA lowers ``argmax`` on the CPU to one variadic (value, index) reduce that it does not vectorise: 14% of a
     greedy step at batch 128 with an 8,000-token vocabulary. A max, then the smallest index holding it, is about
-    8x faster and picks the same index.
+    8x faster and picks the same index; a CPU kernel (``cpu_kernels.argmax_rows``) does it in one pass.
     """
-    best = jnp.max(x, axis=-1, keepdims=True)
-    hit = (x == best) | jnp.isnan(x)
-    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(hit, index, x.shape[-1] - 1), axis=-1)
+    def two_reductions(x):
+        best = jnp.max(x, axis=-1, keepdims=True)
+        hit = (x == best) | jnp.isnan(x)
+        index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+        return jnp.min(jnp.where(hit, index, x.shape[-1] - 1), axis=-1)
+    return cpu_kernels.argmax_rows(x, two_reductions)
 
 
 def top_k(x: Array, k: int, chunk: int = 64) -> tuple[Array, Array]:
@@ -283,7 +289,8 @@ def top_k(x: Array, k: int, chunk: int = 64) -> tuple[Array, Array]:
     XLA's CPU ``TopK`` sorts every row (1.8 ms for beam search's [32, 4 x 8000] scores, ~6% of a step). Here the
     row is cut into chunks of ``chunk`` values: the k best values lie in the k chunks with the largest maxima
     (ties between chunk maxima go to the earlier chunk, as ``top_k`` prefers the earlier index), so ``top_k``
-    runs over k chunk maxima and then over those k chunks, taken in index order. Same values and indices.
+    runs over k chunk maxima and then over those k chunks, taken in index order. Same values and indices. (A
+    one-pass CPU kernel keeping the k best was as fast in a beam-search step, and was dropped.)
     """
     n, m = x.shape
     chunks = -(-m // chunk)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import decoding
+from . import cpu_kernels, decoding
 from .decoding import GenerationConfig, SearchSpec
 
 TRACE_COUNTS: dict[str, int] = {"seq2seq": 0, "causal": 0}  # incremented when a program is traced (compiled)
@@ -54,12 +54,19 @@ def enable_compilation_cache(path: Optional[str] = None, min_compile_time_s: flo
 
 
 def reorder_cache(cache: Any, rows: jax.Array) -> Any:
-    """Beam reordering: self-attention K/V rows follow their parents; cross K/V and indices stay."""
+    """Beam reordering: self-attention K/V rows follow their parents; cross K/V and indices stay.
+
+    Only the positions already written (before the cache's ``cache_index``) have to follow: on the CPU an unrolled
+    layer's cache is reordered in place, those positions only (``cpu_kernels.reorder_rows``)."""
+    named = lambda path, name: getattr(path[-1], "key", None) == name
+    indices = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(cache) if named(path, "cache_index")]
+    length = indices[0] if indices else jnp.array(2 ** 30, jnp.int32)
+
     def fix(path, leaf):
-        name = getattr(path[-1], "key", None)
-        if name in ("cached_key", "cached_value"):
-            axis = leaf.ndim - 4  # a leading layer axis when layers are scanned
-            return jnp.take(leaf, rows, axis=axis)
+        if named(path, "cached_key") or named(path, "cached_value"):
+            if leaf.ndim == 4:
+                return cpu_kernels.reorder_rows(leaf, rows, length)
+            return jnp.take(leaf, rows, axis=leaf.ndim - 4)  # a leading layer axis when layers are scanned
         return leaf
     return jax.tree_util.tree_map_with_path(fix, cache)
 
@@ -149,6 +156,9 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
             enc = encode((src, src_mask))
         unrolled, dec_params = _unrolled(module, params) if unroll else (module, params)
         n = batch * copies
+        if unroll and cpu_kernels.packing_pays(n):  # the steps' weights in the packed products' layout, once
+            dec_params = dict(dec_params, decoder=cpu_kernels.pack_for_steps(
+                dec_params["decoder"], module.config.decoder.tie_word_embeddings))
 
         def run(mod, p, cache, tokens, states):
             out, variables = mod.apply({"params": p, "cache": cache}, tokens, states, src_mask, decode=True,
@@ -184,6 +194,8 @@ def _causal_program(module: Any, spec: SearchSpec, batch: int, scores: bool, unr
         stored, stored_params = scanned, params
         module, params = _unrolled(scanned, params) if unroll else (scanned, params)
         n = batch * copies
+        if unroll and cpu_kernels.packing_pays(n):  # the steps' weights in the packed products' layout, once
+            params = cpu_kernels.pack_for_steps(params, scanned.config.tie_word_embeddings)
         prompt = jnp.repeat(prompt, copies, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, copies, axis=0)
         p = prompt.shape[1]
@@ -267,17 +279,24 @@ def _pad_cols(x: np.ndarray, cols: int, value: int) -> np.ndarray:
 def _rng(seed: Optional[int], rng: Optional[jax.Array]) -> jax.Array:
     if rng is not None:
         return rng
-    return jax.random.PRNGKey(0 if seed is None else seed)
+    return _seed_key(0 if seed is None else seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _seed_key(seed: int) -> jax.Array:
+    """``PRNGKey(seed)``, made once per seed: building it is a device computation of its own (0.2-0.5 ms), which
+    mattered for batch-1 calls of a few milliseconds. Keys are immutable, so sharing one is safe."""
+    return jax.random.PRNGKey(seed)
 
 
 def _finish(spec: SearchSpec, sequences, scores, lengths, batch: int, return_scores: bool):
-    """Drops bucket rows and trims to the longest real row, as transformers lays out its output."""
+    """Drops bucket rows and trims to the longest real row, as transformers lays out its output. Copies to the
+    host only what it needs (greedy search and sampling read their lengths off the sequences)."""
     rows = batch * spec.num_return_sequences
-    sequences, scores, lengths = (np.asarray(x)[:rows] for x in (sequences, scores, lengths))
-    if spec.num_beams == 1:
-        lengths = _greedy_lengths(spec, sequences)
+    sequences = np.asarray(sequences)[:rows]
+    lengths = _greedy_lengths(spec, sequences) if spec.num_beams == 1 else np.asarray(lengths)[:rows]
     out = jnp.asarray(decoding.trim(sequences, lengths))
-    return (out, jnp.asarray(scores)) if return_scores else out
+    return (out, jnp.asarray(np.asarray(scores)[:rows])) if return_scores else out
 
 
 def _greedy_lengths(spec: SearchSpec, sequences: np.ndarray) -> np.ndarray:

@@ -131,7 +131,12 @@ class Dense(nn.Module):
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
-        if not self.has_variable("params", "qkernel"):
+        if self.has_variable("params", "pkernel"):  # packed for a generate call's steps (cpu_kernels.pack_for_steps)
+            y = cpu_kernels.packed_dense(x.astype(self.dtype), self.get_variable("params", "pkernel"),
+                                         jnp.zeros((self.features,), self.dtype) if bias is None else bias,
+                                         self.features, activation)
+            activation = None
+        elif not self.has_variable("params", "qkernel"):
             kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
             if heads and bias is not None:
@@ -183,6 +188,10 @@ class Embed(nn.Module):
             logits = quantization.quantized_attend(h, self.get_variable("params", "qembedding"),
                                                    self.get_variable("params", "qscale"), self.dtype)
             return logits if bias is None else logits + bias
+        if self.has_variable("params", "pembedding"):  # packed for a generate call's steps
+            return cpu_kernels.packed_dense(h.astype(self.dtype), self.get_variable("params", "pembedding"),
+                                            jnp.zeros((self.num_embeddings,), self.dtype) if bias is None else bias,
+                                            self.num_embeddings)
         # contract with the table as stored: a transposed copy per decode step costs more than the matmul
         logits = cpu_kernels.matmul_nt(h.astype(self.dtype), self._table().astype(self.dtype))
         return logits if bias is None else logits + bias

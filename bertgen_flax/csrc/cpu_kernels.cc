@@ -650,6 +650,43 @@ ffi::Error GemmNNBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                  y->typed_data(), y->dimensions(), act, "bertgen_gemm_nn_bias");
 }
 
+// y[M, N] = act(x[M, K] @ w + bias) with w given already packed: wp [P, K, kNr], panel q holding columns
+// q * kNr .. q * kNr + kNr - 1 (zero past N), i.e. B as gemm_range packs it, but once per generate call instead of
+// once per product. A decode step then reads each weight where it lies, with no copy: at batch 32 packing the
+// [256, 256] weights of a step cost about as much as multiplying by them. Each thread takes a range of panels
+// (or, with fewer panels than threads, of rows too), and runs every row block against a panel while it is in cache.
+ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
+                      ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t act) {
+  auto xd = x.dimensions(), wd = wp.dimensions(), bd = b.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] != kNr || xd[1] == 0 || bd.size() != 1 ||
+      yd.size() != 2 || yd[0] != xd[0] || yd[1] != bd[0] || bd[0] > wd[0] * kNr || bd[0] <= (wd[0] - 1) * kNr ||
+      act < 0 || act > 1)
+    return ffi::Error::InvalidArgument(
+        "bertgen_gemm_packed: expects x [M, K], packed w [P, K, panel width of this build], bias [N] with "
+        "(P - 1) * width < N <= P * width, y [M, N], act 0 or 1");
+  const int64_t M = xd[0], K = xd[1], P = wd[0], N = bd[0];
+  Out out{y->typed_data(), N};
+  out.bias = b.typed_data();
+  out.act = act;
+  const float* xp = x.typed_data();
+  const float* w = wp.typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t ranges = threads > 1 ? 4 * threads : 1, blocks = (M + kMr - 1) / kMr;
+  const int64_t pt = std::min(P, ranges), rt = std::min(blocks, (ranges + pt - 1) / pt);
+  parallel_for(pool, pt * rt, [&](int64_t t) {
+    const int64_t tp = t % pt, tr = t / pt;
+    const int64_t r0 = blocks * tr / rt * kMr, r1 = std::min(M, blocks * (tr + 1) / rt * kMr);
+    const int64_t nb = (r1 - r0 + kMr - 1) / kMr;
+    for (int64_t q = P * tp / pt; q < P * (tp + 1) / pt; ++q)
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const int64_t i = r0 + (r1 - r0) * blk / nb;
+        const int rows = static_cast<int>(r0 + (r1 - r0) * (blk + 1) / nb - i);
+        block_rows_any<kMr>(xp + i * K, K, w + q * K * kNr, K, kNr, rows, out, i, q * kNr, N, false, true);
+      }
+  });
+  return ffi::Error::Success();
+}
+
 // ---- single-query attention -------------------------------------------------------------------------------------
 // out[b, g, n] = softmax(where(allowed[b], q[b, g, n] . k[b, n]^T / sqrt(D), float32 min)) @ v[b, n]
 // q [B, G, N, D] (G queries share a cache row: the beams of one source), k and v [B, N, S, D] (the cache's
@@ -778,6 +815,94 @@ ffi::Error AttendOne(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// ---- greedy search: the first maximum of each row ----------------------------------------------------------------
+// out[r] = the index of the first maximum of x[r, :] (of the first NaN when the row has one), as jnp.argmax. One
+// pass over the logits, rows split over the threads; XLA made four passes of it (a max, a compare-select against
+// an iota, a min in two reductions), a tenth of a greedy step at batch 32.
+ffi::Error ArgmaxRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> out) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] == 0 || out->dimensions().size() != 1 || out->dimensions()[0] != xd[0])
+    return ffi::Error::InvalidArgument("bertgen_argmax_rows: expects x [N, V] with V > 0 and out [N]");
+  const int64_t rows = xd[0], V = xd[1];
+  const float* xp = x.typed_data();
+  int32_t* op = out->typed_data();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * std::max<int64_t>(1, pool.num_threads())));
+  parallel_for(pool, chunks, [&](int64_t c) {
+    for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
+      const float* row = xp + r * V;
+      // the maximum by vectors (a NaN makes the lane's running value NaN: found below), then its first index
+      vec best = splat(row[0]);
+      ivec odd = ivec{} == 1;  // all lanes 0
+      int64_t v = 0;
+      for (; v + kWidth <= V; v += kWidth) {
+        const vec a = load(row + v);
+        odd |= a != a;
+        best = a > best ? a : best;
+      }
+      float m = row[0];
+      bool nan = false;
+      for (int i = 0; i < kWidth; ++i) {
+        m = std::max(m, best[i]);
+        nan |= odd[i] != 0;
+      }
+      for (; v < V; ++v) {
+        nan |= row[v] != row[v];
+        m = std::max(m, row[v]);
+      }
+      int64_t found = V - 1;
+      for (int64_t j = 0; j < V; ++j)
+        if (nan ? row[j] != row[j] : row[j] == m) {
+          found = j;
+          break;
+        }
+      op[r] = static_cast<int32_t>(found);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---- beam search: the self-attention cache follows the beams' parents ------------------------------------------
+// x[b, :, :length] = x[rows[b], :, :length] for x [B, N, S, D], in place (the output aliases x). Positions from
+// `length` on are not written yet (the step about to run writes position `length`), so they are left as they are,
+// and beams that continue themselves (rows[b] == b) are not touched: the parents of the rows that change are
+// parked in a buffer, then copied into place. XLA's gather copied every position of every row into a new buffer,
+// and that back into the loop's cache: a fifth of a beam-search step. (Parking whole groups of beams instead,
+// one input's beams at a time, moved more data and was slower.)
+ffi::Error ReorderRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> rows,
+                       ffi::Buffer<ffi::S32> length, ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions(), rd = rows.dimensions();
+  if (xd.size() != 4 || rd.size() != 1 || rd[0] != xd[0] || length.element_count() != 1)
+    return ffi::Error::InvalidArgument("bertgen_reorder_rows: expects x [B, N, S, D], rows [B] and a scalar length");
+  const int64_t B = xd[0], N = xd[1], S = xd[2], D = xd[3];
+  const int32_t* src = rows.typed_data();
+  for (int64_t b = 0; b < B; ++b)
+    if (src[b] < 0 || src[b] >= B)
+      return ffi::Error::InvalidArgument("bertgen_reorder_rows: a row index is out of range");
+  const int64_t L = std::min<int64_t>(S, std::max<int32_t>(0, length.typed_data()[0]));
+  float* y = out->typed_data();
+  if (y != x.typed_data()) std::memcpy(y, x.typed_data(), sizeof(float) * B * N * S * D);
+  std::vector<int64_t> moved;
+  for (int64_t b = 0; b < B; ++b)
+    if (src[b] != b) moved.push_back(b);
+  if (moved.empty() || L == 0) return ffi::Error::Success();
+  const int64_t run = L * D, pairs = static_cast<int64_t>(moved.size()) * N;  // a (row, head) run: L x D
+  std::vector<float> parked(pairs * run);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(pairs, 4 * std::max<int64_t>(1, pool.num_threads())));
+  parallel_for(pool, chunks, [&](int64_t c) {  // every parent is read before any row is written
+    for (int64_t p = pairs * c / chunks; p < pairs * (c + 1) / chunks; ++p) {
+      const int64_t b = moved[p / N], n = p % N;
+      std::memcpy(parked.data() + p * run, y + ((src[b] * N + n) * S) * D, sizeof(float) * run);
+    }
+  });
+  parallel_for(pool, chunks, [&](int64_t c) {
+    for (int64_t p = pairs * c / chunks; p < pairs * (c + 1) / chunks; ++p) {
+      const int64_t b = moved[p / N], n = p % N;
+      std::memcpy(y + ((b * N + n) * S) * D, parked.data() + p * run, sizeof(float) * run);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define BERTGEN_BIND2(W) \
@@ -814,3 +939,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_attend_one, AttendOne,
 
 // Columns per packed panel on this build (head-major products need a head dim that is a multiple of it).
 extern "C" int bertgen_panel_width() { return kNr; }
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_reorder_rows, ReorderRows,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_packed, GemmPacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("act"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_argmax_rows, ArgmaxRows,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::S32>>());
