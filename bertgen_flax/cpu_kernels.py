@@ -44,7 +44,8 @@ _NO_LIMIT = 1 << 62
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cc")
 _TARGETS = ("bertgen_matmul_nn", "bertgen_matmul_nt", "bertgen_matmul_nn_i8", "bertgen_matmul_nt_i8",
             "bertgen_matmul_nn_i4", "bertgen_attend_one", "bertgen_gemm_nn", "bertgen_gemm_nn_bias",
-            "bertgen_reorder_rows", "bertgen_gemm_packed", "bertgen_argmax_rows")
+            "bertgen_reorder_rows", "bertgen_gemm_packed", "bertgen_argmax_rows",
+            "bertgen_pack_panels")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -328,18 +329,26 @@ def packing_pays(rows: int) -> bool:
     return rows >= GEMM_MIN_ROWS and _on_cpu() and _PANEL > 0
 
 
+def _pack(w: jax.Array, transposed: bool) -> jax.Array:
+    k, n = w.shape[::-1] if transposed else w.shape
+    p = -(-n // _PANEL)
+
+    def xla(w):
+        wt = w.T if transposed else w                                               # [in, out]
+        return jnp.pad(wt, ((0, 0), (0, p * _PANEL - n))).reshape(k, p, _PANEL).transpose(1, 0, 2)
+    cpu = lambda w: jax.ffi.ffi_call("bertgen_pack_panels", jax.ShapeDtypeStruct((p, k, _PANEL), jnp.float32))(
+        w, transposed=np.int64(int(transposed)))
+    return jax.lax.platform_dependent(w, cpu=cpu, default=xla)
+
+
 def pack_kernel(w: jax.Array) -> jax.Array:
     """A Dense kernel [in, out] as panels [P, in, width] (columns past ``out`` zero)."""
-    k, n = w.shape
-    p = -(-n // _PANEL)
-    return jnp.pad(w, ((0, 0), (0, p * _PANEL - n))).reshape(k, p, _PANEL).transpose(1, 0, 2)
+    return _pack(w, transposed=False)
 
 
 def pack_table(e: jax.Array) -> jax.Array:
     """A table [num, features] used as x @ table^T, as panels [P, features, width] of its rows."""
-    v, k = e.shape
-    p = -(-v // _PANEL)
-    return jnp.pad(e, ((0, p * _PANEL - v), (0, 0))).reshape(p, _PANEL, k).transpose(0, 2, 1)
+    return _pack(e, transposed=True)
 
 
 def pack_for_steps(tree: Any, tied_table: bool) -> Any:

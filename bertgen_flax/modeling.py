@@ -85,6 +85,18 @@ class StackOutput:
 
 
 @struct.dataclass
+class Packing:
+    """The real tokens of a padded batch [B, S] laid out as one row [1, T] (T >= their number; the rest filler).
+
+    An encoder given a packing runs its projections and feed-forward blocks on those T tokens only and gathers
+    them back into the padded layout for attention, so padding costs no matrix products. Every token's result
+    is what the padded run computes for it.
+    """
+    unpack: Array   # [B, S] int32: where padded position (b, s) lies in the row (pads: any valid index)
+    pack: Array     # [T] int32: the padded position b * S + s of the row's token t (filler: any valid position)
+
+
+@struct.dataclass
 class LMOutput:
     """Logits (and loss, cache, hidden states, attentions when asked) of an LM head."""
     logits: Array                                 # [B, T, V]
@@ -336,7 +348,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Optional[Array], offset: Array, kv_states: Optional[Array] = None,
                  head_mask: Optional[Array] = None, deterministic: bool = True,
-                 output_attentions: bool = False, kv_only: bool = False) -> tuple[Array, Optional[Array]]:
+                 output_attentions: bool = False, kv_only: bool = False,
+                 packing: Optional[Packing] = None) -> tuple[Array, Optional[Array]]:
         cfg = self.config
         proj = AttentionProjections(cfg, relative=self.relative, dtype=self.dtype, param_dtype=self.param_dtype,
                                     name="self")
@@ -347,11 +360,18 @@ class Attention(nn.Module):
             return x, None
         q = proj.queries(x)                                                      # [B, T, N, D]
         b, t = x.shape[:2]
+        if packing is not None:  # x holds real tokens only, [1, T_real, H]: attention runs in the padded layout
+            b, t = packing.unpack.shape                                          # [B, S]
+            unpad = lambda y: y[0][packing.unpack]                               # [1, T_real, ...] -> [B, S, ...]
+            q = unpad(q)
         query_positions = offset + jnp.arange(t)                                 # [T]
 
         if self.cross:
             k, v = self._cross_keys_values(proj, kv_states)                      # [B, N, S_src, D]
             key_positions = jnp.arange(k.shape[2])
+        elif packing is not None:
+            k, v = (unpad(proj.split_heads(f(x))).transpose(0, 2, 1, 3) for f in (proj.key, proj.value))
+            key_positions = jnp.arange(t)
         else:
             k, v = proj.keys_values(x)
             if self.decode:
@@ -402,6 +422,8 @@ class Attention(nn.Module):
             if groups > 1 and output_attentions:
                 probs = probs.reshape(k.shape[0], -1, groups, t, probs.shape[-1]).swapaxes(1, 2).reshape(
                     b, -1, t, probs.shape[-1])
+        if packing is not None:  # back to the real tokens, [1, T_real, H]
+            context = context.reshape(b * t, -1)[packing.pack][None]
         out = DenseResidualNorm(cfg, self.dtype, self.param_dtype, name="output")(context, x, deterministic)
         return out, (probs if output_attentions else None)
 
@@ -460,7 +482,7 @@ class Layer(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, mask: Optional[Array], offset: Array, encoder_states: Optional[Array],
-                 encoder_mask: Optional[Array], head_mask: Optional[Array]):
+                 encoder_mask: Optional[Array], packing: Optional[Packing], head_mask: Optional[Array]):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.cross_only:
             Attention(cfg, cross=True, decode=True, name="crossattention", **kw)(
@@ -468,7 +490,7 @@ class Layer(nn.Module):
             return h, (None, None, None)
         h, self_probs = Attention(cfg, causal=self.causal, decode=self.decode, name="attention", **kw)(
             h, mask, offset, head_mask=head_mask, deterministic=self.deterministic,
-            output_attentions=self.output_attentions)
+            output_attentions=self.output_attentions, packing=packing)
         cross_probs = None
         # With a filled cache the decoder attends to cached cross K/V, so encoder states are not needed here.
         if cfg.add_cross_attention and (encoder_states is not None or self.decode):
@@ -506,7 +528,7 @@ class LayerStack(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, mask: Optional[Array], offset: Array, encoder_states: Optional[Array],
-                 encoder_mask: Optional[Array], head_mask: Optional[Array]):
+                 encoder_mask: Optional[Array], head_mask: Optional[Array], packing: Optional[Packing] = None):
         kw = dict(config=self.config, causal=self.causal, decode=self.decode, deterministic=self.deterministic,
                   output_attentions=self.output_attentions, output_hidden_states=self.output_hidden_states,
                   cross_only=self.cross_only, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -518,14 +540,14 @@ class LayerStack(nn.Module):
         if self.scan_layers:
             scanned = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                               split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=n)
+                              in_axes=(nn.broadcast,) * 5 + (0,), length=n)
             h, (hs, attn, cross) = scanned(name="layer", **kw)(h, mask, offset, encoder_states, encoder_mask,
-                                                                 head_mask)
+                                                                 packing, head_mask)
             unstack = lambda x: None if x is None else tuple(x[i] for i in range(n))
             return h, unstack(hs), unstack(attn), unstack(cross)
         outs = []
         for i in range(n):
-            h, out = layer(name=f"layer_{i}", **kw)(h, mask, offset, encoder_states, encoder_mask,
+            h, out = layer(name=f"layer_{i}", **kw)(h, mask, offset, encoder_states, encoder_mask, packing,
                                                     None if head_mask is None else head_mask[i])
             outs.append(out)
         collect = lambda j: None if outs[0][j] is None else tuple(o[j] for o in outs)
@@ -554,7 +576,10 @@ class BertGenerationModule(nn.Module):
                  inputs_embeds: Optional[Array] = None, encoder_hidden_states: Optional[Array] = None,
                  encoder_attention_mask: Optional[Array] = None, *, causal: Optional[bool] = None,
                  decode: bool = False, deterministic: bool = True, output_attentions: bool = False,
-                 output_hidden_states: bool = False, cross_only: bool = False) -> StackOutput:
+                 output_hidden_states: bool = False, cross_only: bool = False,
+                 packing: Optional[Packing] = None) -> StackOutput:
+        """The stack's states; with ``packing``, input_ids and position_ids are the packed row [1, T] and
+        attention_mask the padded batch's [B, S] (see ``Packing``)."""
         cfg = self.config
         if cross_only:  # decode mode: write every layer's cross-attention keys/values of encoder_hidden_states
             states = encoder_hidden_states.astype(self.dtype)
@@ -591,7 +616,7 @@ class BertGenerationModule(nn.Module):
                            deterministic=deterministic, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="encoder")
-        last, hs, attn, cross = stack(h, mask, offset, encoder_hidden_states, encoder_mask, head_mask)
+        last, hs, attn, cross = stack(h, mask, offset, encoder_hidden_states, encoder_mask, head_mask, packing)
         if hs is not None:
             hs = (h,) + hs
         return StackOutput(last_hidden_state=last, hidden_states=hs, attentions=attn,
@@ -701,12 +726,14 @@ class EncoderDecoderModule(nn.Module):
     def encode(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
                position_ids: Optional[Array] = None, head_mask: Optional[Array] = None,
                inputs_embeds: Optional[Array] = None, *, deterministic: bool = True,
-               output_attentions: bool = False, output_hidden_states: bool = False) -> StackOutput:
-        """Encoder states of the source [B, S, H] (the decoder's stack runs them when tied)."""
+               output_attentions: bool = False, output_hidden_states: bool = False,
+               packing: Optional[Packing] = None) -> StackOutput:
+        """Encoder states of the source [B, S, H] (the decoder's stack runs them when tied); with ``packing``,
+        of the packed row [1, T, H]."""
         encoder = self.decoder.bert if self.config.tie_encoder_decoder else self.encoder
         return encoder(input_ids, attention_mask, position_ids, head_mask, inputs_embeds, causal=False,
                        deterministic=deterministic, output_attentions=output_attentions,
-                       output_hidden_states=output_hidden_states)
+                       output_hidden_states=output_hidden_states, packing=packing)
 
     def project(self, encoder_hidden_states: Array) -> Array:
         """Encoder states in the decoder's width (``enc_to_dec_proj`` when the hidden sizes differ)."""

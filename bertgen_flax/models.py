@@ -669,7 +669,8 @@ class EncoderDecoderModel(PretrainedModel):
 
     def generate(self, input_ids: Any, attention_mask: Any = None, *, decoder_input_ids: Any = None,
                  seed: Optional[int] = None, rng: Optional[jax.Array] = None, return_scores: bool = False,
-                 mesh: Optional[jax.sharding.Mesh] = None, unroll_decoder: bool = True, **knobs: Any):
+                 mesh: Optional[jax.sharding.Mesh] = None, unroll_decoder: bool = True,
+                 packing_buckets: Optional[int] = None, **knobs: Any):
         """Batch generation in one compiled program (``transformers`` ``generate`` semantics).
 
         Returns sequences [batch * num_return_sequences, length] starting with the decoder start token, padded
@@ -677,7 +678,9 @@ class EncoderDecoderModel(PretrainedModel):
         (``max_new_tokens``, ``num_beams``, ``do_sample``, ...); defaults come from the checkpoint. With ``mesh``
         (axes ``data`` and optionally ``model``) the batch and parameters are sharded over its devices.
         ``unroll_decoder=False`` runs the decoder layers as stored: a shorter compile for deep decoders, slower
-        steps, the same tokens.
+        steps, the same tokens. The encoder runs on the sources' real tokens only (padding skipped), their number
+        rounded up to one of ``packing_buckets`` sizes per batch and source bucket (default
+        ``generation.PACKING_BUCKETS``, 16; each size compiles once; 0 runs the padded batch).
         """
         from .generation import seq2seq_generate
         enc, dec = self.config.encoder, self.config.decoder
@@ -689,7 +692,8 @@ class EncoderDecoderModel(PretrainedModel):
         return seq2seq_generate(self.module, self._params_for(mesh), ids, attention_mask, gen,
                                 decoder_input_ids=prompt, rng=rng, seed=seed, return_scores=return_scores,
                                 max_positions=dec.max_position_embeddings,
-                                source_limit=enc.max_position_embeddings, mesh=mesh, unroll_decoder=unroll_decoder)
+                                source_limit=enc.max_position_embeddings, mesh=mesh, unroll_decoder=unroll_decoder,
+                                packing_buckets=packing_buckets)
 
     def encode(self, input_ids: Any, attention_mask: Any = None) -> StackOutput:
         """Encoder states of the source (``last_hidden_state`` [B, S, H])."""

@@ -189,14 +189,52 @@ def test_a_row_alone_equals_the_row_inside_a_padded_batch(seq2seq):
     assert (batch[3, width:] == EOS).all() or batch.shape[1] == width  # beam rows are filled after EOS
 
 
-def test_new_inputs_inside_a_bucket_do_not_recompile(seq2seq):
+def test_new_inputs_inside_a_bucket_do_not_recompile_with_the_padded_encoder(seq2seq):
     _, ours = seq2seq
     rng = np.random.default_rng(5)
-    ours.generate(rng.integers(3, 99, (3, 10)), max_new_tokens=7)
+    ours.generate(rng.integers(3, 99, (3, 10)), max_new_tokens=7, packing_buckets=0)
     before = generation.TRACE_COUNTS["seq2seq"]
     for batch, length in ((3, 11), (4, 16), (4, 12)):  # batch bucket 4, source bucket 16
-        ours.generate(rng.integers(3, 99, (batch, length)), max_new_tokens=7)
+        ours.generate(rng.integers(3, 99, (batch, length)), max_new_tokens=7, packing_buckets=0)
     assert generation.TRACE_COUNTS["seq2seq"] == before
+
+
+def test_the_packed_encoder_compiles_once_per_token_bucket(seq2seq):
+    _, ours = seq2seq
+    rng = np.random.default_rng(6)
+    ids = rng.integers(3, 99, (4, 16))
+    mask = np.ones_like(ids)
+    mask[:, 12:] = 0                  # 48 of 64 positions: a row of 48 tokens (4 buckets of 16 tokens each)
+    ours.generate(ids, mask, max_new_tokens=5, packing_buckets=4)
+    before = generation.TRACE_COUNTS["seq2seq"]
+    mask[0, 10:] = 0                  # 46 tokens: the same bucket of 48
+    ours.generate(ids, mask, max_new_tokens=5, packing_buckets=4)
+    assert generation.TRACE_COUNTS["seq2seq"] == before
+    mask[:, 8:] = 0                   # 32 tokens: the next bucket down, compiled once
+    ours.generate(ids, mask, max_new_tokens=5, packing_buckets=4)
+    assert generation.TRACE_COUNTS["seq2seq"] == before + 1
+
+
+def test_the_packed_encoder_gives_the_padded_encoders_tokens_and_scores(seq2seq):
+    _, ours = seq2seq
+    ids, mask = _source()
+    for knobs in (dict(max_new_tokens=9), dict(max_new_tokens=9, num_beams=3)):
+        packed, ps = ours.generate(ids, mask, return_scores=True, **knobs)
+        padded, qs = ours.generate(ids, mask, return_scores=True, packing_buckets=0, **knobs)
+        assert generation._packing(np.asarray(ids), np.asarray(mask), generation.PACKING_BUCKETS) is not None
+        np.testing.assert_array_equal(np.asarray(packed), np.asarray(padded))
+        np.testing.assert_allclose(np.asarray(ps), np.asarray(qs), rtol=1e-5, atol=1e-6)
+
+
+def test_packing_lays_out_the_real_tokens_in_order():
+    src = np.array([[5, 6, 0, 0], [7, 8, 9, 0]], np.int32)
+    mask = (src != 0).astype(np.int32)
+    ids, positions, unpack, pack = generation._packing(src, mask, buckets=4)  # units of 2 tokens: 5 -> 6
+    np.testing.assert_array_equal(ids[0, :5], [5, 6, 7, 8, 9])
+    np.testing.assert_array_equal(positions[0, :5], [0, 1, 0, 1, 2])             # each token's own position
+    np.testing.assert_array_equal(pack[:5], [0, 1, 4, 5, 6])                    # b * S + s
+    np.testing.assert_array_equal(unpack[mask == 1], [0, 1, 2, 3, 4])
+    assert ids.shape == (1, 6) and generation._packing(src, np.ones_like(src), buckets=4) is None
 
 
 def test_sampling_with_top_k_1_equals_greedy(seq2seq):
