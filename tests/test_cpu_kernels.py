@@ -1,4 +1,5 @@
-"""The CPU kernels for products of few rows (cpu_kernels.py): exact enough, actually used, and optional."""
+"""The CPU kernels (cpu_kernels.py): products, attention, beam reorder, argmax, packing. Exact enough against
+float64 and XLA, actually used where they apply, differentiable where they must be, and optional."""
 from __future__ import annotations
 
 import os
@@ -26,10 +27,11 @@ def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float64) @ np.asarray(w, np.float64)
 
 
-# Row counts across the register blocks (1..6 rows and their remainders), widths with and without a partial last
-# block of 64 columns, depths with and without a partial group of 8 and chunk of 128 rows.
+# Row counts across the streaming kernel's register blocks (1..6 rows and their remainders) and the packed kernel's
+# (9 rows and up: blocks of up to 14, uneven splits), widths with and without a partial last block or panel,
+# depths with and without a partial group of 8 and chunk of 128 rows.
 SHAPES = [(1, 256, 256), (2, 384, 1536), (5, 1024, 4096), (6, 128, 64), (7, 100, 200), (13, 1030, 256),
-          (32, 256, 1024), (3, 5, 3), (1, 8, 50358)]
+          (32, 256, 1024), (3, 5, 3), (1, 8, 50358), (9, 64, 40), (100, 300, 70), (257, 1024, 96)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -67,13 +69,14 @@ def _custom_calls(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
-def test_products_of_few_rows_run_the_kernels_and_larger_ones_run_xla(kernels):
+def test_few_rows_run_the_streaming_kernel_more_the_packed_one_and_bfloat16_xla(kernels):
     w = jnp.ones((64, 128), jnp.float32)
     small = _custom_calls(cpu_kernels.matmul, jnp.ones((cpu_kernels.MAX_ROWS, 64), jnp.float32), w)
     large = _custom_calls(cpu_kernels.matmul, jnp.ones((cpu_kernels.MAX_ROWS + 1, 64), jnp.float32), w)
     half = _custom_calls(cpu_kernels.matmul, jnp.ones((1, 64), jnp.bfloat16), w.astype(jnp.bfloat16))
-    assert "bertgen_matmul_nn" in small
-    assert "bertgen_matmul_nn" not in large and "bertgen_matmul_nn" not in half
+    assert "bertgen_matmul_nn" in small and "bertgen_gemm_nn" not in small
+    assert "bertgen_gemm_nn" in large and "bertgen_matmul_nn" not in large
+    assert "bertgen_" not in half
 
 
 def test_a_decode_step_of_the_model_runs_the_kernels(kernels, tmp_path):
@@ -195,3 +198,167 @@ def test_a_kernel_given_mismatched_shapes_names_what_it_expects(kernels):
     with pytest.raises(Exception, match=r"bertgen_attend_one: expects q \[B, G, N, D\]"):
         jax.block_until_ready(jax.jit(attend)(jnp.ones((1, 1, 2, 8)), jnp.ones((1, 2, 5, 8)), jnp.ones((1, 2, 5, 8)),
                                               jnp.ones((1, 4), bool)))
+
+
+# ---- the packed products' epilogues ----------------------------------------------------------------------------
+def _gelu64(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("m,k,n", [(9, 64, 40), (64, 256, 1024), (130, 200, 96)])
+def test_a_dense_layer_with_its_bias_and_gelu_in_the_product_equals_float64(kernels, m, k, n):
+    from bertgen_flax import modeling
+    rng = np.random.default_rng(m + n)
+    x, w, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32) / 8, \
+        rng.standard_normal(n).astype(np.float32)
+    fused = jax.jit(lambda x, w, b: cpu_kernels.dense(x, w, b, modeling.ACTIVATIONS["gelu"]))
+    assert "bertgen_gemm_nn_bias" in fused.lower(x, w, b).as_text()
+    z = np.asarray(x, np.float64) @ w + b
+    got, want = np.asarray(fused(x, w, b)), _gelu64(z)
+    xla = np.asarray(jax.jit(lambda x, w, b: modeling.ACTIVATIONS["gelu"](jnp.dot(x, w) + b))(x, w, b))
+    assert np.abs(got - want).max() <= max(2 * np.abs(xla - want).max(), 1e-6 * np.abs(want).max())
+    plain = np.asarray(jax.jit(lambda x, w, b: cpu_kernels.dense(x, w, b))(x, w, b))
+    assert np.abs(plain - z).max() <= 1e-6 * np.abs(z).max()
+
+
+def test_the_kernels_gelu_is_within_5e7_of_the_exact_one_everywhere(kernels):
+    from bertgen_flax import modeling
+    x = np.linspace(-12, 12, 48001, dtype=np.float32).reshape(-1, 1)   # x @ [[1]] + 0: the GELU of x itself
+    got = np.asarray(jax.jit(lambda x: cpu_kernels.dense(x, jnp.ones((1, 1)), jnp.zeros(1),
+                                                         modeling.ACTIVATIONS["gelu"]))(jnp.tile(x, (1, 1))))
+    assert np.abs(got - _gelu64(x.astype(np.float64))).max() <= 5e-7
+
+
+@pytest.mark.parametrize("heads,d", [(4, 64), (2, 32), (3, 20)])
+def test_keys_and_values_come_out_head_major_as_attention_reads_them(kernels, heads, d):
+    rng = np.random.default_rng(heads * d)
+    x, w, b = rng.standard_normal((3, 17, 48), np.float32), rng.standard_normal((48, heads * d), np.float32), \
+        rng.standard_normal(heads * d).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x, w, b: cpu_kernels.dense_heads(x, w, b, heads))(x, w, b))
+    want = (np.asarray(x, np.float64) @ w + b).reshape(3, 17, heads, d).transpose(0, 2, 1, 3)
+    assert got.shape == (3, heads, 17, d)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    direct = "bertgen_gemm_nn_bias" in jax.jit(lambda x, w, b: cpu_kernels.dense_heads(x, w, b, heads)).lower(
+        x, w, b).as_text()
+    assert direct == (d % cpu_kernels._PANEL == 0)  # other head sizes: the product, then XLA's transpose
+
+
+def test_gradients_through_the_fused_layers_are_the_reference_gradients(kernels):
+    from bertgen_flax import modeling
+    rng = np.random.default_rng(8)
+    x, w, b = rng.standard_normal((2, 12, 32), np.float32), rng.standard_normal((32, 64), np.float32) / 6, \
+        rng.standard_normal(64).astype(np.float32)
+    gelu = modeling.ACTIVATIONS["gelu"]
+    cases = [(lambda x, w, b: cpu_kernels.dense(x, w, b, gelu), lambda x, w, b: gelu(x @ w + b)),
+             (lambda x, w, b: cpu_kernels.dense_heads(x, w, b, 2),
+              lambda x, w, b: (x @ w + b).reshape(2, 12, 2, 32).transpose(0, 2, 1, 3))]
+    for ours, ref in cases:
+        loss = lambda f: (lambda x, w, b: jnp.sum(jnp.sin(f(x, w, b))))
+        got = jax.grad(loss(ours), argnums=(0, 1, 2))(x, w, b)
+        want = jax.grad(loss(ref), argnums=(0, 1, 2))(x, w, b)
+        for g, e in zip(got, want):
+            assert np.abs(np.asarray(g) - np.asarray(e)).max() <= 1e-5 * np.abs(np.asarray(e)).max()
+
+
+# ---- attention over many queries, beam reorder, argmax ---------------------------------------------------------
+@pytest.mark.parametrize("b,g,n,s,d", [(2, 64, 4, 64, 64), (3, 9, 2, 20, 32), (1, 40, 3, 7, 16)])
+def test_attention_of_many_queries_equals_the_xla_attention_and_differentiates_as_it(kernels, b, g, n, s, d):
+    from bertgen_flax import modeling
+    rng = np.random.default_rng(b * g + s)
+    q, k, v = (rng.standard_normal(shape, np.float32) for shape in ((b, g, n, d), (b, n, s, d), (b, n, s, d)))
+    allowed = rng.random((b, s)) > 0.3
+    allowed[:, 0] = True
+    scale = np.float32(np.sqrt(d))
+    xla = lambda q, k, v, a: modeling._attention_context(
+        modeling._masked_softmax(modeling._attention_scores(q, k) / scale, a[:, None, None, :], jnp.float32), v)
+    fused = jax.jit(lambda q, k, v, a: cpu_kernels.attend_one(q, k, v, a, xla))
+    assert "bertgen_attend_one" in fused.lower(q, k, v, allowed).as_text()
+    want, got = np.asarray(jax.jit(xla)(q, k, v, allowed)), np.asarray(fused(q, k, v, allowed))
+    assert np.abs(got - want).max() <= 2e-6 * max(1.0, np.abs(want).max())
+    loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, allowed))))
+    got_g = jax.grad(loss(lambda *a: cpu_kernels.attend_one(*a, xla)), argnums=(0, 1, 2))(q, k, v)
+    want_g = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+    for a, e in zip(got_g, want_g):
+        assert np.abs(np.asarray(a) - np.asarray(e)).max() <= 1e-5 * np.abs(np.asarray(e)).max()
+
+
+def test_the_beam_reorder_moves_the_written_positions_of_the_rows_that_change(kernels):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 2, 10, 16)).astype(np.float32)
+    rows = np.array([0, 0, 1, 5, 3, 3], np.int32)      # a beam search's parents: repeats, self-continuations
+    got = np.asarray(jax.jit(cpu_kernels.reorder_rows)(x, rows, np.int32(4)))
+    np.testing.assert_array_equal(got[:, :, :4], x[rows][:, :, :4])
+    np.testing.assert_array_equal(got[:, :, 4:], x[:, :, 4:])   # not written yet: left as they were
+    assert "bertgen_reorder_rows" in jax.jit(cpu_kernels.reorder_rows).lower(x, rows, np.int32(4)).as_text()
+    with pytest.raises(Exception, match="bertgen_reorder_rows: a row index is out of range"):
+        jax.block_until_ready(jax.jit(cpu_kernels.reorder_rows)(x, np.array([0, 1, 2, 3, 4, 6], np.int32), 4))
+
+
+def test_argmax_picks_the_first_maximum_or_the_first_nan_as_jnp_argmax(kernels):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[0, 7] = x[0, 900] = 50.0                         # a tie: the first wins
+    x[1, 300], x[1, 600] = np.nan, np.nan               # NaN: the first NaN
+    x[2] = -np.inf                                      # nothing but -inf: index 0
+    x[3, 999] = 60.0                                    # in the tail past the last whole vector
+    x[4, :3] = np.nan
+    from bertgen_flax import decoding
+    argmax = jax.jit(decoding.first_argmax)
+    assert "bertgen_argmax_rows" in argmax.lower(x).as_text()
+    np.testing.assert_array_equal(np.asarray(argmax(x)), np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    odd = rng.standard_normal((3, 37)).astype(np.float32)  # a width that is no multiple of the vector
+    np.testing.assert_array_equal(np.asarray(argmax(odd)), np.argmax(odd, axis=-1))
+
+
+# ---- weights packed once per generate call -----------------------------------------------------------------------
+def test_packed_weights_give_the_products_of_the_weights_as_stored(kernels):
+    from bertgen_flax import modeling
+    rng = np.random.default_rng(11)
+    x, w, table, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((16, 48), (48, 70), (70, 48), (70,)))
+    panel = cpu_kernels._PANEL
+    packed = np.asarray(jax.jit(cpu_kernels.pack_kernel)(w))
+    assert packed.shape == (-(-70 // panel), 48, panel)
+    np.testing.assert_array_equal(packed.transpose(1, 0, 2).reshape(48, -1)[:, :70], w)
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_kernels.pack_table)(table)),  # a table is w^T
+                                  np.asarray(jax.jit(cpu_kernels.pack_kernel)(table.T)))
+    gelu = modeling.ACTIVATIONS["gelu"]
+    got = np.asarray(jax.jit(lambda x, p, b: cpu_kernels.packed_dense(x, p, b, 70, gelu))(x, packed, b))
+    want = _gelu64(np.asarray(x, np.float64) @ w + b)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    assert "bertgen_gemm_packed" in jax.jit(lambda x, p, b: cpu_kernels.packed_dense(x, p, b, 70)).lower(
+        x, packed, b).as_text()
+
+
+def test_packing_a_decoder_for_its_steps_keeps_its_logits(kernels, tmp_path):
+    from conftest import seq2seq_checkpoint
+    import bertgen_flax as bg
+    seq2seq_checkpoint(str(tmp_path / "m"), enc=dict(hidden_size=64, intermediate_size=128),
+                       dec=dict(hidden_size=64, intermediate_size=128))
+    model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "m"), scan_layers=False)
+    ids = np.random.default_rng(12).integers(5, 90, (12, 6)).astype(np.int32)
+    enc = model.encode(ids).last_hidden_state
+    tokens = np.full((12, 1), 2, np.int32)
+    step = lambda p, c: model.module.apply({"params": p, "cache": c}, tokens, enc, decode=True, mutable=["cache"],
+                                           method=type(model.module).decode)[0].logits
+    packed = dict(model.params, decoder=cpu_kernels.pack_for_steps(model.params["decoder"], True))
+    leaves = {"/".join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(packed)}
+    assert any(p.endswith("query/pkernel") for p in leaves) and not any("decoder" in p and p.endswith("/kernel")
+                                                                      for p in leaves)
+    assert any(p.endswith("word_embeddings/pembedding") for p in leaves)
+    cache = model.init_cache(12, 4, 6)
+    hlo = jax.jit(step).lower(packed, cache).as_text()
+    assert "bertgen_gemm_packed" in hlo
+    want, got = np.asarray(jax.jit(step)(model.params, cache)), np.asarray(jax.jit(step)(packed, cache))
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_the_new_kernels_name_what_they_expect_when_shapes_mismatch(kernels):
+    packed = jax.ffi.ffi_call("bertgen_gemm_packed", jax.ShapeDtypeStruct((2, 5), jnp.float32))
+    with pytest.raises(Exception, match=r"bertgen_gemm_packed: expects x \[M, K\], packed w \[P, K"):
+        jax.block_until_ready(jax.jit(lambda *a: packed(*a, act=np.int64(0)))(
+            jnp.ones((2, 4)), jnp.ones((1, 3, cpu_kernels._PANEL)), jnp.ones(5)))
+    bias = jax.ffi.ffi_call("bertgen_gemm_nn_bias", jax.ShapeDtypeStruct((2, 3), jnp.float32))
+    with pytest.raises(Exception, match=r"bertgen_gemm_nn_bias: expects a bias \[N\] for w \[K, N\]"):
+        jax.block_until_ready(jax.jit(lambda *a: bias(*a, act=np.int64(0)))(jnp.ones((2, 4)), jnp.ones((4, 3)),
+                                                                             jnp.ones(2)))
