@@ -139,7 +139,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 BENCHES = {"generate": "bench_generate.py", "train": "bench_train.py", "ct2": "bench_ct2.py",
-           "flax457": "bench_flax457.py", "gpu": "gpu.py"}
+           "flax457": "bench_flax457.py", "gpu": "gpu.py", "ab": "bench_ab.py"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "step), ct2 (ours vs CTranslate2 vs transformers on a CPU), flax457 "
                                    "(transformers 4.57's Flax port; needs its own venv's interpreter), gpu (every "
                                    "GPU benchmark of issue 5 in one run, with a SUMMARY.md; "
-                                   "BERTGEN_GPU_BENCH_TINY=1 rehearses it with tiny shapes).")
+                                   "BERTGEN_GPU_BENCH_TINY=1 rehearses it with tiny shapes), ab (two settings "
+                                   "of the library timed alternately in one process).")
     b.add_argument("which", choices=sorted(BENCHES))
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for the benchmark script (--help)")
     b.set_defaults(func=cmd_bench)

@@ -137,3 +137,13 @@ def test_ct2_bench_takes_the_l24_cpu_workload_and_names_bad_options(capsys):
         with pytest.raises(SystemExit) as e:
             bench_ct2.parse_args(bad)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_ab_bench_times_two_settings_in_one_process_and_checks_their_tokens():
+    cmd = [sys.executable, os.path.join(BENCH, "bench_ab.py"), "b1", "generation.PACKING_BUCKETS = 0",
+           "generation.PACKING_BUCKETS = 16", "--runs", "1", "--new-tokens", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "B / A, median of paired ratios:" in proc.stdout and "same tokens: True" in proc.stdout
+    bad = subprocess.run(cmd[:2] + ["b1", "1 +", "pass"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode == 2 and "setting A is not a Python statement" in bad.stderr

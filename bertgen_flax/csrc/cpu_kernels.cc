@@ -1,20 +1,28 @@
-// CPU kernels for the decode step's skinny matrix products, called from XLA through its FFI.
+// CPU kernels for generation (and the forward products of training), called from XLA through its FFI.
 //
 // XLA:CPU runs products with few rows (a decode step has one row per sequence) well below the memory bandwidth
 // that bounds them: on a 2-core Xeon, 24 [1024, 4096] + [4096, 1024] products streamed 21 GB/s with one row and
-// 10 GB/s with eight, where the machine reads 29 GB/s. These kernels stream each weight once for all rows, with
-// a block of outputs kept in registers, and split the work over XLA's own intra-op thread pool.
+// 10 GB/s with eight, where the machine reads 29 GB/s. The streaming kernels read each weight once for all rows,
+// with a block of outputs kept in registers; the packed ones are a BLAS-style product (panels of B, a 14 x 32
+// register block on AVX-512) with a bias / GELU / head-major epilogue. Work is split over XLA's intra-op pool.
 //
-//   bertgen_matmul_nn      y[M, N] = x[M, K] @ w[K, N]        w float32 (Dense kernels as stored, [in, out])
+//   bertgen_matmul_nn      y[M, N] = x[M, K] @ w[K, N]        w float32 (Dense kernels as stored, [in, out]), M <= 8
 //   bertgen_matmul_nn_i8   y[M, N] = x[M, K] @ q[K, N]        q int8 (the caller scales the columns)
 //   bertgen_matmul_nn_i4   y[M, N] = x[M, K] @ (q * s)        q packed 4-bit [K/2, N], s [K/g, N] per group of g rows
 //   bertgen_matmul_nt      y[M, N] = x[M, K] @ w[N, K]^T      w float32 (the tied LM head: the embedding table)
 //   bertgen_matmul_nt_i8   y[M, N] = x[M, K] @ q[N, K]^T      q int8 (the caller scales the columns)
-//   bertgen_attend_one     one decode step's attention: G queries per cache row against its keys and values
+//   bertgen_gemm_nn        y[M, N] = x[M, K] @ w[K, N]        9 rows and up
+//   bertgen_gemm_nn_bias   y = act(x @ w + b)                 y [M, N] or head-major [M / S, N / D, S, D]
+//   bertgen_gemm_packed    y = act(x @ w + b)                 w packed once per generate call (bertgen_pack_panels)
+//   bertgen_pack_panels    w [K, N] or [N, K] -> [P, K, panel width]
+//   bertgen_attend_one     attention of G queries per row over its keys and values (decode steps, the encoder)
+//   bertgen_reorder_rows   beam search's cache reorder, in place, over the written positions
+//   bertgen_argmax_rows    the first maximum of each row of the logits
 //
 // The integer forms are those of quantization.py; weights are widened in registers, so a step reads 1 (int8) or
-// 1/2 (int4) byte per weight instead of 4. Products accumulate over k in order, with fused multiply-adds. Built
-// by cpu_kernels.py with the host's instruction set (-march=native), so the vector width below follows the machine.
+// 1/2 (int4) byte per weight instead of 4. Products accumulate over k in order, with fused multiply-adds, in
+// chunks of 128 k. Built by cpu_kernels.py with the host's instruction set (-march=native), so the vector width
+// below follows the machine (AVX-512, AVX2 or the compiler's generic vectors).
 #include <algorithm>
 #include <cmath>
 #include <atomic>
