@@ -348,7 +348,8 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
     """The pure functional entry point: (module, params, inputs, config) -> sequences [B * R, length].
 
     The encoder runs on the real source tokens only (``_packing``), their count rounded up to one of
-    ``packing_buckets`` sizes (``PACKING_BUCKETS`` when None; 0: the padded batch, one program per bucket).
+    ``packing_buckets`` sizes (when None: ``PACKING_BUCKETS`` on the CPU, 0 elsewhere; 0: the padded batch, one
+    program per bucket).
 
     ``unroll_decoder=False`` runs the decoder's layers as stored (under ``nn.scan`` for scanned params): a shorter
     compile for deep decoders, slower steps (each step slices every layer's weights); the same tokens.
@@ -376,7 +377,9 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
     prompt = _pad_rows(prompt, bb, prompt[0, 0] if prompt.size else 0)
     program = _seq2seq_program(module, spec, bb, sb, return_scores, encoder_rows(bb, sb) if mesh is None else bb,
                                unroll_decoder)
-    buckets = PACKING_BUCKETS if packing_buckets is None else packing_buckets
+    # by default on the CPU only: elsewhere each packed size is another compile of seconds, for a smaller gain
+    default = PACKING_BUCKETS if jax.default_backend() == "cpu" else 0
+    buckets = default if packing_buckets is None else packing_buckets
     packing = _packing(src, src_mask, buckets) if mesh is None else None
     src, src_mask, prompt = _shard_batch(mesh, src, src_mask, prompt)
     sequences, scores, lengths = program(params, src, src_mask, prompt, _rng(seed, rng), packing)

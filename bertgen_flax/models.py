@@ -678,9 +678,10 @@ class EncoderDecoderModel(PretrainedModel):
         (``max_new_tokens``, ``num_beams``, ``do_sample``, ...); defaults come from the checkpoint. With ``mesh``
         (axes ``data`` and optionally ``model``) the batch and parameters are sharded over its devices.
         ``unroll_decoder=False`` runs the decoder layers as stored: a shorter compile for deep decoders, slower
-        steps, the same tokens. The encoder runs on the sources' real tokens only (padding skipped), their number
-        rounded up to one of ``packing_buckets`` sizes per batch and source bucket (default
-        ``generation.PACKING_BUCKETS``, 16; each size compiles once; 0 runs the padded batch).
+        steps, the same tokens. On the CPU the encoder runs on the sources' real tokens only (padding skipped),
+        their number rounded up to one of ``packing_buckets`` sizes per batch and source bucket (default
+        ``generation.PACKING_BUCKETS``, 16, on the CPU and 0 elsewhere; each size compiles once; 0 runs the
+        padded batch).
         """
         from .generation import seq2seq_generate
         enc, dec = self.config.encoder, self.config.decoder
