@@ -39,6 +39,7 @@ run sees.
     .venv/bin/python bench/bench_ct2.py --preset l24 --runs 3             # L-24, batch 1 and 8
     .venv/bin/python bench/bench_ct2.py --cases b1,b32 --engines ours,ct2-float32-dnnl --ct2-threads 2,1
     .venv/bin/python bench/bench_ct2.py --engines ours --compilation-cache /tmp/bertgen_xla_cache
+    .venv/bin/python bench/bench_ct2.py --engines ours,ct2-float32-dnnl --rounds 3   # interleaved, paired ratios
 """
 from __future__ import annotations
 
@@ -265,6 +266,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--engines", default=",".join(ENGINES),
                    help=f"from {', '.join(ENGINES + OPTIONAL_ENGINES)} (default: {', '.join(ENGINES)})")
     p.add_argument("--runs", type=int, default=5, help="timed calls per process (median reported)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every engine of a case this many times, interleaved (A B A B ...): each figure is "
+                        "the median over the rounds, and a ratio the median of the rounds' own ratios, which "
+                        "the machine's drift between processes moves far less")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls, the first included (>= 1)")
     p.add_argument("--threads", type=int, default=2, help="torch and CTranslate2 threads (XLA: the affinity mask)")
     p.add_argument("--ct2-threads", default=None, metavar="N,M",
@@ -286,8 +291,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if any(c not in CASES for c in args.case_keys) or any(e not in ENGINES + OPTIONAL_ENGINES
                                                            for e in args.engine_keys):
         p.error(f"--cases from {', '.join(CASES)}; --engines from {', '.join(ENGINES + OPTIONAL_ENGINES)}")
-    if args.runs < 1 or args.warmup < 1:
-        p.error("--runs and --warmup must be >= 1")
+    if args.runs < 1 or args.warmup < 1 or args.rounds < 1:
+        p.error("--runs, --warmup and --rounds must be >= 1")
+    if args.rounds > 1 and args.compilation_cache:
+        p.error("--compilation-cache times first calls against an emptied cache: use it with one round")
     try:
         args.ct2_thread_counts = [int(t) for t in (args.ct2_threads or str(args.threads)).split(",") if t]
     except ValueError:
@@ -344,15 +351,28 @@ def main(argv: Optional[list[str]] = None) -> int:
             job = dict(case=case, inputs=inputs, hf_dir=hf_dir, ct2_dir=ct2_dir, threads=args.threads,
                        runs=args.runs, warmup=args.warmup, vocab=shape.vocab, new_tokens=shape.new_tokens,
                        beams=beams, start_id=bg.DECODER_START, kwargs=bg.generate_kwargs(shape, beams))
-            for label, j in engine_runs(args, job):
+            for label, j in [(label, j) for k in range(args.rounds) for label, j in engine_runs(args, job)]:
                 r = run_worker(j, work, f"{case}_{len(results)}")
                 r["label"], r["batch"], r["beams"] = label, batch, beams
+                r["round"] = sum(1 for q in results if q["case"] == case and q["label"] == label)
                 results.append(r)
                 others = "" if r["other_cores"] is None else f", other processes {r['other_cores']:.2f} cores"
                 print(f"  {case:10s} {label:24s} {1000 * r['median_s'] / shape.new_tokens:8.2f} ms/step  first "
                       f"{r['first_s']:6.2f} s  peak {r['peak_rss_mb']:7.0f} MB  runs "
                       f"[{', '.join(f'{t:.3f}' for t in r['runs_s'])}]{others}", flush=True)
     return report(args, shape, results)
+
+
+def _rounds_merged(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One row per engine label: medians over its rounds (time, first call), the largest peak memory."""
+    out: dict[str, dict[str, Any]] = {}
+    for label in dict.fromkeys(r["label"] for r in results):
+        rs = [r for r in results if r["label"] == label]
+        out[label] = dict(rs[0], median_s=statistics.median(r["median_s"] for r in rs),
+                          first_s=statistics.median(r["first_s"] for r in rs),
+                          peak_rss_mb=max(r["peak_rss_mb"] for r in rs),
+                          rss_after_load_mb=max(r["rss_after_load_mb"] for r in rs))
+    return out
 
 
 def best_ct2_float32(ms: dict[str, float]) -> Optional[str]:
@@ -367,10 +387,13 @@ def report(args: argparse.Namespace, shape: Any, results: list[dict[str, Any]]) 
     lines = ["| case | engine | ms/step | tok/s | first call s | peak RSS MB (after load) "
              "| same tokens as transformers | ours / fastest CT2 float32 | ours/transformers |", "|" + "---|" * 9]
     for case in args.case_keys:
-        rows = {r["label"]: r for r in results if r["case"] == case}
+        rows = _rounds_merged([r for r in results if r["case"] == case])
         ref = rows.get("transformers")
         ms = {k: 1000 * r["median_s"] / n for k, r in rows.items()}
         best = best_ct2_float32(ms)
+        per_round = lambda label, other: [a["median_s"] / b["median_s"] for a in results for b in results
+                                          if a["case"] == b["case"] == case and a["label"] == label
+                                          and b["label"] == other and a["round"] == b["round"]]
         for label, r in rows.items():
             same = "-"
             if ref is not None and label != "transformers":
@@ -382,9 +405,12 @@ def report(args: argparse.Namespace, shape: Any, results: list[dict[str, Any]]) 
             ratio_ct2 = ratio_tf = "-"
             if label.startswith("ours"):
                 if best is not None:
-                    ratio_ct2 = f"{ms[label] / ms[best]:.2f} ({best})"
+                    ratios = per_round(label, best)
+                    ratio_ct2 = f"{statistics.median(ratios):.2f} ({best})"
+                    if len(ratios) > 1:
+                        ratio_ct2 += " [" + ", ".join(f"{x:.2f}" for x in ratios) + "]"
                 if "transformers" in ms:
-                    ratio_tf = f"{ms[label] / ms['transformers']:.2f}"
+                    ratio_tf = f"{statistics.median(per_round(label, 'transformers')):.2f}"
             lines.append(f"| {case} | {label} | {ms[label]:.2f} | {r['batch'] * n / r['median_s']:,.0f} | "
                          f"{r['first_s']:.2f} | {r['peak_rss_mb']:.0f} ({r['rss_after_load_mb']:.0f}) | {same} | "
                          f"{ratio_ct2} | {ratio_tf} |")
