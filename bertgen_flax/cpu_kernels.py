@@ -338,6 +338,9 @@ def packing_pays(rows: int) -> bool:
 
 
 def _pack(w: jax.Array, transposed: bool) -> jax.Array:
+    if not available():  # the panel width is the built library's
+        raise RuntimeError("packing weights needs the CPU kernels, which are not available in this process "
+                           "(BERTGEN_CPU_KERNELS=0, no compiler, or a failed build: see the warning)")
     k, n = w.shape[::-1] if transposed else w.shape
     p = -(-n // _PANEL)
 

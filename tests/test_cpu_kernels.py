@@ -362,3 +362,11 @@ def test_the_new_kernels_name_what_they_expect_when_shapes_mismatch(kernels):
     with pytest.raises(Exception, match=r"bertgen_gemm_nn_bias: expects a bias \[N\] for w \[K, N\]"):
         jax.block_until_ready(jax.jit(lambda *a: bias(*a, act=np.int64(0)))(jnp.ones((2, 4)), jnp.ones((4, 3)),
                                                                              jnp.ones(2)))
+
+
+def test_packing_without_the_kernels_says_why(tmp_path):
+    code = ("from bertgen_flax import cpu_kernels as ck\nimport jax.numpy as jnp\n"
+            "try:\n    ck.pack_kernel(jnp.ones((4, 4)))\nexcept RuntimeError as e:\n    print('refused', e)\n")
+    proc = _run(code, BERTGEN_CPU_KERNELS="0")
+    assert proc.returncode == 0, proc.stderr
+    assert "refused packing weights needs the CPU kernels" in proc.stdout
