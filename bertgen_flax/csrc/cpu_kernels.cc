@@ -960,6 +960,16 @@ ffi::Error ReorderRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 }  // namespace
 
+// x, a weight and a bias in, one float32 result out, an int64 attribute `act` (the packed products' epilogue)
+#define BERTGEN_BIND_BIAS_ACT                                                                                 \
+  ffi::Ffi::Bind()                                                                                            \
+      .Ctx<ffi::ThreadPool>()                                                                                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Attr<int64_t>("act")
+
 #define BERTGEN_BIND2(W) \
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<W>>().Ret<ffi::Buffer<ffi::F32>>()
 
@@ -968,14 +978,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nn_i8, MatmulNNI8, BERTGEN_BIND2(ff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nt, MatmulNT, BERTGEN_BIND2(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nt_i8, MatmulNTI8, BERTGEN_BIND2(ffi::S8));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_nn, GemmNN, BERTGEN_BIND2(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_nn_bias, GemmNNBias,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("act"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_nn_bias, GemmNNBias, BERTGEN_BIND_BIAS_ACT);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nn_i4, MatmulNNI4,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -992,8 +995,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_attend_one, AttendOne,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// Columns per packed panel on this build (head-major products need a head dim that is a multiple of it).
-extern "C" int bertgen_panel_width() { return kNr; }
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_reorder_rows, ReorderRows,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -1001,14 +1002,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_reorder_rows, ReorderRows,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_packed, GemmPacked,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("act"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_packed, GemmPacked, BERTGEN_BIND_BIAS_ACT);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_argmax_rows, ArgmaxRows,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::S32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_pack_panels, PackPanels,
@@ -1017,3 +1011,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_pack_panels, PackPanels,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("transposed"));
+
+// Columns per packed panel on this build (head-major products need a head dim that is a multiple of it).
+extern "C" int bertgen_panel_width() { return kNr; }
