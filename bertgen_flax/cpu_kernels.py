@@ -127,8 +127,10 @@ def available() -> bool:
 
 
 def _on_cpu() -> bool:
-    # Built only where the CPU is the default backend: a GPU or TPU process never compiles them.
-    return jax.default_backend() == "cpu" and available()
+    # Built only where the CPU is the default backend: a GPU or TPU process never compiles them. With several
+    # devices (simulated CPU devices, or processes joined by jax.distributed) arrays may be sharded, and a custom
+    # call is opaque to XLA's partitioner (it would gather every operand onto every device), so XLA runs there.
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
 
 
 def _rows(x: jax.Array) -> int:
