@@ -15,6 +15,8 @@ at 21 GB/s with 1 row, 10 GB/s with 8 and 4.6 GB/s with 32, while PyTorch's MKL 
   softmax and weighted sum per row and head; keys after the last allowed one are not read).
 - ``reorder_rows``: beam search's cache reorder in place, over the positions written so far.
 - ``argmax_rows``: the first maximum of each row of the logits in one pass.
+- ``beam_candidates``: beam search's log-softmax, running scores and top candidates, each row read in L1 cache
+  and only the candidates written.
 - ``quantized_matmul`` / ``quantized_matmul_nt``: int8 and packed int4 weights widened in registers.
 
 They run on the CPU, for float32, when the kernels are built; otherwise, and on every other platform (through
@@ -53,7 +55,7 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_
 _TARGETS = ("bertgen_matmul_nn", "bertgen_matmul_nt", "bertgen_matmul_nn_i8", "bertgen_matmul_nt_i8",
             "bertgen_matmul_nn_i4", "bertgen_attend_one", "bertgen_gemm_nn", "bertgen_gemm_nn_bias",
             "bertgen_reorder_rows", "bertgen_gemm_packed", "bertgen_argmax_rows",
-            "bertgen_pack_panels")
+            "bertgen_pack_panels", "bertgen_beam_candidates")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -406,3 +408,18 @@ def argmax_rows(x: jax.Array, xla: Callable[[jax.Array], jax.Array]) -> jax.Arra
     cpu = lambda x: jax.ffi.ffi_call("bertgen_argmax_rows", jax.ShapeDtypeStruct(x.shape[:1], jnp.int32))(x)
     return jax.lax.platform_dependent(x, cpu=cpu, default=xla)
 
+
+
+def beam_candidates(x: jax.Array, running: jax.Array, eos: jax.Array, ban: jax.Array, count: int,
+                    xla: Callable) -> tuple[jax.Array, jax.Array]:
+    """Beam search's candidates: the top ``count`` of ``log_softmax(x[b, k]) + running[b, k]`` over j = k * V + v
+    per input b, for logits x [B, K, V], running scores [B, K], EOS ids ``eos`` [E] whose log-probabilities are
+    -inf when ``ban`` (a bool scalar) holds. Returns (values [B, count] descending, indices [B, count] int32), as
+    ``jax.lax.top_k`` orders them. One pass per row on the CPU (float32); ``xla(x, running, eos, ban)`` elsewhere."""
+    b, k, v = x.shape
+    reference = lambda *operands: tuple(xla(*operands))
+    if not (x.dtype == running.dtype == jnp.float32 and v > 0 and 1 <= count <= k * v and _on_cpu()):
+        return reference(x, running, eos, ban)
+    out = (jax.ShapeDtypeStruct((b, count), jnp.float32), jax.ShapeDtypeStruct((b, count), jnp.int32))
+    cpu = lambda x, r, e, f: tuple(jax.ffi.ffi_call("bertgen_beam_candidates", out)(x, r, e, f.astype(jnp.int32)))
+    return jax.lax.platform_dependent(x, running, eos, ban, cpu=cpu, default=reference)

@@ -195,11 +195,8 @@ def process_scores(spec: SearchSpec, scores: Array, sequences: Array, cur_len: A
         scores = _bad_words(scores, sequences, cur_len, spec.bad_words_ids)
     # EOS bans touch the EOS columns only (a where over all of [N, V] was a pass over the logits every step)
     eos = jnp.array([e for e in spec.eos_ids if 0 <= e < v], jnp.int32)
-    if eos.size and spec.min_length > 0:
-        scores = scores.at[:, eos].set(jnp.where(cur_len < spec.min_length, NEG_INF, scores[:, eos]))
-    if eos.size and spec.min_new_tokens > 0:
-        banned = cur_len - spec.prompt_length < spec.min_new_tokens
-        scores = scores.at[:, eos].set(jnp.where(banned, NEG_INF, scores[:, eos]))
+    if eos.size and (spec.min_length > 0 or spec.min_new_tokens > 0):
+        scores = scores.at[:, eos].set(jnp.where(eos_banned(spec, cur_len), NEG_INF, scores[:, eos]))
     if spec.forced_eos_ids:
         forced = jnp.full((v,), NEG_INF).at[jnp.array(spec.forced_eos_ids)].set(0.0)
         scores = jnp.where(cur_len == spec.max_length - 1, forced[None, :], scores)
@@ -214,6 +211,22 @@ def process_scores(spec: SearchSpec, scores: Array, sequences: Array, cur_len: A
         if spec.top_p < 1.0:
             scores = _top_p(scores, spec.top_p, keep)
     return scores
+
+
+def eos_banned(spec: SearchSpec, cur_len: Array) -> Array:
+    """Whether EOS is banned at ``cur_len`` (``min_length``, ``min_new_tokens``): a bool scalar."""
+    banned = jnp.array(False)
+    if spec.min_length > 0:
+        banned = banned | (cur_len < spec.min_length)
+    if spec.min_new_tokens > 0:
+        banned = banned | (cur_len - spec.prompt_length < spec.min_new_tokens)
+    return banned
+
+
+def _only_eos_bans(spec: SearchSpec) -> bool:
+    """Whether ``process_scores`` does nothing but ban EOS (so beam search's candidates can be fused)."""
+    return (spec.repetition_penalty == 1.0 and spec.no_repeat_ngram_size == 0 and not spec.bad_words_ids
+            and not spec.forced_eos_ids and not spec.do_sample)
 
 
 def _min_tokens_to_keep(spec: SearchSpec) -> int:
@@ -413,17 +426,25 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
     def select(s):
         cur_len = s["cur_len"]
         flat_running = s["running"].reshape(n, length)
-        log_probs = jax.nn.log_softmax(s["logits"], axis=-1)
-        log_probs = process_scores(spec, log_probs, flat_running, cur_len, ignore_before)
-        vocab = log_probs.shape[-1]
-        acc = (log_probs.reshape(b, k, vocab) + s["running_scores"][:, :, None]).reshape(b, k * vocab)
+        vocab = s["logits"].shape[-1]
+
+        def scored(logits, running_scores):  # log_softmax, the processors, + the beams' scores: [B, K * V]
+            log_probs = jax.nn.log_softmax(logits.reshape(n, vocab), axis=-1)
+            log_probs = process_scores(spec, log_probs, flat_running, cur_len, ignore_before)
+            return (log_probs.reshape(b, k, vocab) + running_scores[:, :, None]).reshape(b, k * vocab)
+
         rng, key = jax.random.split(s["rng"])
         if spec.do_sample:  # sampling without replacement from softmax(acc): Gumbel top-k
+            acc = scored(s["logits"], s["running_scores"])
             gumbel = -jnp.log(-jnp.log(jax.random.uniform(key, acc.shape, minval=1e-20, maxval=1.0)))
             idx = top_k(jnp.where(jnp.isfinite(acc), acc + gumbel, NEG_INF), v_keep)[1]
             top_lp = jnp.take_along_axis(acc, idx, axis=1)
+        elif _only_eos_bans(spec):  # one pass per row on the CPU: the [B, K * V] scores are never written
+            top_lp, idx = cpu_kernels.beam_candidates(
+                s["logits"].reshape(b, k, vocab), s["running_scores"], eos, eos_banned(spec, cur_len), v_keep,
+                lambda x, r, e, f: top_k(scored(x, r), v_keep))                   # [B, 2K]
         else:
-            top_lp, idx = top_k(acc, v_keep)                                     # [B, 2K]
+            top_lp, idx = top_k(scored(s["logits"], s["running_scores"]), v_keep)  # [B, 2K]
         parent = idx // vocab
         token = (idx % vocab).astype(jnp.int32)
         top_seqs = s["running"][rows, parent]                                    # [B, 2K, L]

@@ -1,4 +1,4 @@
-"""The CPU kernels (cpu_kernels.py): products, attention, beam reorder, argmax, packing. Exact enough against
+"""The CPU kernels (cpu_kernels.py): products, attention, beam reorder and candidates, argmax, packing. Exact enough against
 float64 and XLA, actually used where they apply, differentiable where they must be, and optional."""
 from __future__ import annotations
 
@@ -311,6 +311,56 @@ def test_argmax_picks_the_first_maximum_or_the_first_nan_as_jnp_argmax(kernels):
     np.testing.assert_array_equal(np.asarray(argmax(x)), np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
     odd = rng.standard_normal((3, 37)).astype(np.float32)  # a width that is no multiple of the vector
     np.testing.assert_array_equal(np.asarray(argmax(odd)), np.argmax(odd, axis=-1))
+
+
+def _beam_scores_then_top_k(x, running, eos, ban, count):
+    """The XLA path of beam search: log_softmax, EOS banned, + running scores, jax.lax.top_k over k * V."""
+    b, k, v = x.shape
+    log_probs = jax.nn.log_softmax(x, axis=-1)
+    log_probs = jnp.where(ban & jnp.isin(jnp.arange(v), eos), -jnp.inf, log_probs)
+    return tuple(jax.lax.top_k((log_probs + running[:, :, None]).reshape(b, k * v), count))
+
+
+@pytest.mark.parametrize("b,k,v,count", [(32, 4, 8000, 8), (3, 2, 37, 4), (2, 3, 5, 15), (1, 1, 16, 1)])
+@pytest.mark.parametrize("ban", [False, True])
+def test_beam_candidates_are_the_top_k_of_the_log_softmax_plus_the_running_scores(kernels, b, k, v, count, ban):
+    rng = np.random.default_rng(11)
+    x = 3 * rng.standard_normal((b, k, v)).astype(np.float32)
+    x[0, 0, min(2, v - 1)] = x[0, 0, v - 1] = 40.0     # a tie: the lower index first
+    running = rng.standard_normal((b, k)).astype(np.float32)
+    running[:, 1:] = -1e9                               # the first step: only beam 0 is live
+    eos, flag = jnp.array([1, 3, v + 5], jnp.int32), jnp.array(ban)  # an id past the vocabulary is ignored
+    fused = jax.jit(lambda *a: cpu_kernels.beam_candidates(*a, count, lambda *o: _beam_scores_then_top_k(*o, count)))
+    assert "bertgen_beam_candidates" in fused.lower(x, running, eos, flag).as_text()
+    values, indices = (np.asarray(a) for a in fused(x, running, eos, flag))
+    want_values, want_indices = (np.asarray(a) for a in _beam_scores_then_top_k(x, running, eos, flag, count))
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(values, want_values, rtol=0, atol=1e-6)   # float32 rounding of the log-sum-exp
+    assert values.dtype == np.float32 and indices.dtype == np.int32
+    if ban:  # banned candidates are -inf: chosen only when fewer than `count` others exist
+        assert np.isneginf(values[np.isin(indices % v, [1, 3])]).all()
+
+
+def test_a_nan_logit_makes_its_rows_candidates_nan_ranked_first_as_torch_log_softmax(kernels):
+    x = np.zeros((2, 2, 6), np.float32)
+    x[0, 1, 4] = np.nan                                 # input 0, beam 1
+    running = np.zeros((2, 2), np.float32)
+    values, indices = cpu_kernels.beam_candidates(jnp.asarray(x), jnp.asarray(running), jnp.array([0], jnp.int32),
+                                                  jnp.array(True), 3,
+                                                  lambda *o: _beam_scores_then_top_k(*o, 3))
+    np.testing.assert_array_equal(np.asarray(indices)[0], [7, 8, 9])   # beam 1's first columns; EOS (6) banned
+    assert np.isnan(np.asarray(values)[0]).all() and np.isfinite(np.asarray(values)[1]).all()
+
+
+def test_beam_search_fuses_its_candidates_unless_a_processor_needs_the_scores(kernels):
+    from bertgen_flax import decoding
+    base = decoding.GenerationConfig(num_beams=4, max_length=8, min_new_tokens=2, eos_token_id=1)
+    spec = decoding.SearchSpec.build(base, prompt_length=1)
+    assert decoding._only_eos_bans(spec)
+    for change in (dict(repetition_penalty=1.2), dict(no_repeat_ngram_size=2), dict(bad_words_ids=((5,),)),
+                   dict(forced_eos_token_id=1), dict(do_sample=True)):
+        spec = decoding.SearchSpec.build(base.merged(**change), prompt_length=1)
+        assert not decoding._only_eos_bans(spec), change
 
 
 # ---- weights packed once per generate call -----------------------------------------------------------------------

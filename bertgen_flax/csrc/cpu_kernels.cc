@@ -18,6 +18,7 @@
 //   bertgen_attend_one     attention of G queries per row over its keys and values (decode steps, the encoder)
 //   bertgen_reorder_rows   beam search's cache reorder, in place, over the written positions
 //   bertgen_argmax_rows    the first maximum of each row of the logits
+//   bertgen_beam_candidates  beam search's log-softmax, running scores and top-C candidates in one pass per row
 //
 // The integer forms are those of quantization.py; weights are widened in registers, so a step reads 1 (int8) or
 // 1/2 (int4) byte per weight instead of 4. Products accumulate over k in order, with fused multiply-adds, in
@@ -958,6 +959,112 @@ ffi::Error ReorderRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// ---- beam search: the candidates of a step ---------------------------------------------------------------------
+// For x [B, K, V] (the logits of K beams per input), r [B, K] (their running scores), the EOS ids e [E] and a ban
+// flag: values[b, :C], indices[b, :C] = top_C over j = k * V + v of log_softmax(x[b, k])[v] + r[b, k], where the
+// log-probabilities of the EOS columns are -inf while banned (min_length / min_new_tokens), as
+// jax.lax.top_k(acc, C) ranks them: descending, NaN above every number, ties to the lower index. A row is read
+// three times while it sits in L1 (its maximum, the sum of exp(x - max), then the candidates), and only C values
+// per input are written. XLA made six passes over [B * K, V] for it (log-softmax, the beams' scores added, the
+// chunk maxima and NaN checks of decoding.top_k): a tenth of a beam-search step at batch 32 with 4 beams.
+struct Candidates {
+  int64_t count = 0, cap = 0;
+  float* val;
+  int32_t* idx;
+  // a ranks above b: NaN above any number, then by value (ties keep the earlier, lower index first)
+  static bool above(float a, float b) { return (a != a && b == b) || a > b; }
+  bool full() const { return count == cap; }
+  void offer(float v, int32_t i) {  // i is larger than every index offered before
+    if (full() && !above(v, val[cap - 1])) return;
+    int64_t p = full() ? cap - 1 : count++;
+    for (; p > 0 && above(v, val[p - 1]); --p) val[p] = val[p - 1], idx[p] = idx[p - 1];
+    val[p] = v, idx[p] = i;
+  }
+};
+
+ffi::Error BeamCandidates(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> running,
+                          ffi::Buffer<ffi::S32> eos, ffi::Buffer<ffi::S32> ban, ffi::ResultBuffer<ffi::F32> values,
+                          ffi::ResultBuffer<ffi::S32> indices) {
+  auto xd = x.dimensions(), rd = running.dimensions(), vd = values->dimensions(), id = indices->dimensions();
+  if (xd.size() != 3 || xd[2] == 0 || rd.size() != 2 || rd[0] != xd[0] || rd[1] != xd[1] || eos.dimensions().size() != 1 ||
+      ban.element_count() != 1 || vd.size() != 2 || vd[0] != xd[0] || vd[1] > xd[1] * xd[2] || vd[1] < 1 ||
+      id.size() != 2 || id[0] != vd[0] || id[1] != vd[1] || xd[1] * xd[2] > INT32_MAX)
+    return ffi::Error::InvalidArgument(
+        "bertgen_beam_candidates: expects x [B, K, V], running scores [B, K], eos ids [E], a scalar ban flag and "
+        "values / indices [B, C] with 1 <= C <= K * V");
+  const int64_t B = xd[0], K = xd[1], V = xd[2], C = vd[1];
+  std::vector<int64_t> banned;  // sorted, in range, once each
+  if (ban.typed_data()[0] != 0)
+    for (int64_t i = 0; i < eos.dimensions()[0]; ++i)
+      if (eos.typed_data()[i] >= 0 && eos.typed_data()[i] < V) banned.push_back(eos.typed_data()[i]);
+  std::sort(banned.begin(), banned.end());
+  banned.erase(std::unique(banned.begin(), banned.end()), banned.end());
+  const float* xp = x.typed_data();
+  const float* rp = running.typed_data();
+  float* vp = values->typed_data();
+  int32_t* ip = indices->typed_data();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(B, 4 * std::max<int64_t>(1, pool.num_threads())));
+  parallel_for(pool, chunks, [&](int64_t c) {
+    for (int64_t b = B * c / chunks; b < B * (c + 1) / chunks; ++b) {
+      Candidates top;
+      top.cap = C, top.val = vp + b * C, top.idx = ip + b * C;
+      for (int64_t k = 0; k < K; ++k) {
+        const float* row = xp + (b * K + k) * V;
+        const int32_t base = static_cast<int32_t>(k * V);
+        // the maximum; a NaN anywhere makes the whole row NaN, as XLA's log_softmax
+        vec best = splat(row[0]);
+        ivec odd = ivec{} == 1;
+        int64_t v = 0;
+        for (; v + kWidth <= V; v += kWidth) {
+          const vec a = load(row + v);
+          odd |= a != a;
+          best = a > best ? a : best;
+        }
+        float m = row[0];
+        bool nan = false;
+        for (int i = 0; i < kWidth; ++i) m = std::max(m, best[i]), nan |= odd[i] != 0;
+        for (; v < V; ++v) nan |= row[v] != row[v], m = std::max(m, row[v]);
+        if (nan) {  // every log-probability of the row is NaN (banned ones -inf), as torch's log_softmax gives
+          for (int64_t j = 0; j < V && !(top.full() && top.val[C - 1] != top.val[C - 1]); ++j)
+            top.offer(std::binary_search(banned.begin(), banned.end(), j) ? -INFINITY : std::nanf(""),
+                      base + static_cast<int32_t>(j));
+          continue;
+        }
+        // log-probabilities as jax.nn.log_softmax: (x - m) - log(sum(exp(x - m))); then + the running score
+        vec sum = splat(0.0f);
+        const vec mv = splat(m);
+        for (v = 0; v + kWidth <= V; v += kWidth) sum += vexp(load(row + v) - mv);
+        float total = hsum(sum);
+        for (; v < V; ++v) total += std::exp(row[v] - m);
+        const float lse = std::log(total), score = rp[b * K + k];
+        const vec lv = splat(lse), sv = splat(score);
+        auto value = [&](int64_t j) { return ((row[j] - m) - lse) + score; };
+        size_t next = 0;  // the next banned column
+        for (v = 0; v < V;) {
+          const int64_t ban_at = next < banned.size() ? banned[next] : V;
+          if (v + kWidth <= V && v + kWidth <= ban_at) {  // a whole vector before the next banned column
+            const vec a = ((load(row + v) - mv) - lv) + sv;
+            bool any = !top.full();
+            if (!any) {
+              const float t = top.val[C - 1];
+              const auto hit = a > splat(t);
+              for (int i = 0; i < kWidth; ++i) any |= hit[i] != 0;
+            }
+            if (any)
+              for (int i = 0; i < kWidth; ++i) top.offer(a[i], base + static_cast<int32_t>(v + i));
+            v += kWidth;
+          } else {
+            top.offer(v == ban_at ? -INFINITY : value(v), base + static_cast<int32_t>(v));
+            if (v == ban_at) ++next;
+            ++v;
+          }
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // x, a weight and a bias in, one float32 result out, an int64 attribute `act` (the packed products' epilogue)
@@ -1005,6 +1112,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_reorder_rows, ReorderRows,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_packed, GemmPacked, BERTGEN_BIND_BIAS_ACT);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_argmax_rows, ArgmaxRows,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::S32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_beam_candidates, BeamCandidates,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_pack_panels, PackPanels,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
