@@ -60,6 +60,16 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
 _PANEL = 0  # columns per packed panel of the loaded build (head-major outputs need head_dim % _PANEL == 0)
+_LIB = None
+SPIN_US = 50  # how long a pool thread that ran out of chunks keeps looking for the next kernel's (see set_spin_us)
+
+
+def set_spin_us(us: float) -> None:
+    """How long (microseconds) one of XLA's pool threads that finished its share of a kernel keeps looking for
+    the next kernel's work before it returns to the pool (0: at once). A thread woken from sleep starts 10-40 us
+    late, as long as a batch-1 product takes; one that lingers takes its share at once."""
+    if _LIB is not None:
+        _LIB.bertgen_set_spin_ns(ctypes.c_int64(int(us * 1000)))
 
 
 def _compiler() -> Optional[str]:
@@ -119,8 +129,10 @@ def available() -> bool:
         lib = ctypes.cdll.LoadLibrary(path)
         for name in _TARGETS:
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-        global _PANEL
+        global _PANEL, _LIB
         _PANEL = int(lib.bertgen_panel_width())
+        _LIB = lib
+        set_spin_us(SPIN_US)
     except (OSError, RuntimeError, AttributeError) as e:
         warnings.warn(f"bertgen_flax: the CPU kernels could not be built or loaded ({e}); decode steps on the CPU "
                       f"use XLA's matrix products", RuntimeWarning, stacklevel=2)

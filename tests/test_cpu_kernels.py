@@ -313,6 +313,34 @@ def test_argmax_picks_the_first_maximum_or_the_first_nan_as_jnp_argmax(kernels):
     np.testing.assert_array_equal(np.asarray(argmax(odd)), np.argmax(odd, axis=-1))
 
 
+@pytest.mark.parametrize("spin_us", [0, 50])
+def test_products_from_several_threads_at_once_are_each_right_whether_pool_threads_linger_or_not(kernels, spin_us):
+    import threading
+    rng = np.random.default_rng(12)
+    cases = [(rng.standard_normal((m, 256)).astype(np.float32), rng.standard_normal((256, 384)).astype(np.float32))
+             for m in (1, 8, 64, 200)]
+    products = [jax.jit(cpu_kernels.matmul) for _ in cases]
+    want = [x.astype(np.float64) @ w.astype(np.float64) for x, w in cases]
+    errors = []
+
+    def work(i):
+        for _ in range(30):
+            got = np.asarray(products[i](*cases[i]))
+            if np.abs(got - want[i]).max() > 1e-3:
+                errors.append((i, np.abs(got - want[i]).max()))
+
+    cpu_kernels.set_spin_us(spin_us)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        cpu_kernels.set_spin_us(cpu_kernels.SPIN_US)
+    assert not errors
+
+
 def _beam_scores_then_top_k(x, running, eos, ban, count):
     """The XLA path of beam search: log_softmax, EOS banned, + running scores, jax.lax.top_k over k * V."""
     b, k, v = x.shape

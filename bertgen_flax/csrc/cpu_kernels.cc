@@ -32,6 +32,9 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <chrono>
+#include <functional>
+#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -126,9 +129,58 @@ inline float widen(int8_t w) { return static_cast<float>(w); }
 
 // Runs chunk(i) for i in [0, n) on the calling thread and on XLA's pool. Chunks are handed out by an atomic
 // counter: a pool task that starts late finds none left and returns, so the caller only ever waits for chunks that
-// are already running (never for a task still queued behind a busy thread), which cannot deadlock. (Helper threads
-// of our own that spin between calls instead of sleeping were tried: 6% slower at batch 32, as they competed with
-// XLA's own threads for the two cores.)
+// are already running (never for a task still queued behind a busy thread), which cannot deadlock.
+//
+// A pool thread that was asleep starts 10-40 us after it is asked, about as long as a batch-1 product takes, so
+// the second core did little at batch 1. So a pool task, when it runs out of chunks, stays for up to g_spin_ns
+// looking for the next parallel_for's job in a mailbox (each new job resets its wait), and takes chunks of it
+// straight away. (Helper threads of our own that spun between calls were tried earlier and were 6% slower at
+// batch 32: they competed with XLA's own threads for the two cores.)
+struct Job {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  std::function<void(int64_t)> chunk;
+  void work() {
+    int64_t i;
+    while ((i = next.fetch_add(1)) < n) {
+      chunk(i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+std::atomic<int64_t> g_spin_ns{0};
+std::atomic<int64_t> g_lingering{0};    // pool threads in linger() now
+std::atomic<uint64_t> g_job_serial{0};  // bumped when a job is posted
+std::mutex g_job_mutex;
+std::shared_ptr<Job> g_job;             // the latest job (guarded by g_job_mutex)
+
+void linger(std::shared_ptr<Job> job, uint64_t serial) {
+  const int64_t spin = g_spin_ns.load(std::memory_order_relaxed);
+  if (spin <= 0) return;
+  g_lingering.fetch_add(1);
+  auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin);
+  while (std::chrono::steady_clock::now() < until) {
+    const uint64_t now = g_job_serial.load(std::memory_order_acquire);
+    if (now == serial) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+      continue;
+    }
+    {
+      std::lock_guard<std::mutex> lock(g_job_mutex);
+      job = g_job;
+      serial = g_job_serial.load(std::memory_order_acquire);
+    }
+    if (job) job->work();
+    job.reset();
+    until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin);
+  }
+  g_lingering.fetch_sub(1);
+}
+
 template <typename F>
 void parallel_for(ffi::ThreadPool& pool, int64_t n, F chunk) {
   int64_t workers = std::min<int64_t>(pool.num_threads(), n);
@@ -136,24 +188,25 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F chunk) {
     for (int64_t i = 0; i < n; ++i) chunk(i);
     return;
   }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  auto run = [state, n, chunk]() {
-    int64_t i;
-    while ((i = state->next.fetch_add(1)) < n) {
-      chunk(i);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < workers; ++t) {
-    auto task = run;
-    pool.Schedule(std::move(task));
+  auto job = std::make_shared<Job>();
+  job->n = n;
+  job->chunk = chunk;
+  uint64_t serial;
+  {
+    std::lock_guard<std::mutex> lock(g_job_mutex);
+    g_job = job;
+    serial = g_job_serial.fetch_add(1, std::memory_order_acq_rel) + 1;
   }
-  run();
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  // threads lingering after an earlier job take this one; wake pool threads only for the rest
+  for (int64_t t = 1 + g_lingering.load(std::memory_order_acquire); t < workers; ++t)
+    pool.Schedule([job, serial]() {
+      job->work();
+      linger(job, serial);
+    });
+  job->work();
+  while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  std::lock_guard<std::mutex> lock(g_job_mutex);
+  if (g_job == job) g_job.reset();  // the chunk closure refers to this frame: no one may start it after we return
 }
 
 // The NN product streams w in memory order. Each thread takes a contiguous range of the rows of w (so it reads
@@ -1127,6 +1180,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_pack_panels, PackPanels,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("transposed"));
+
+// How long (ns) a pool thread keeps looking for the next parallel job after finishing one (0: it returns at once).
+extern "C" void bertgen_set_spin_ns(int64_t ns) { g_spin_ns.store(ns < 0 ? 0 : ns); }
 
 // Columns per packed panel on this build (head-major products need a head dim that is a multiple of it).
 extern "C" int bertgen_panel_width() { return kNr; }
