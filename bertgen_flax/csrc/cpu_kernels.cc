@@ -913,6 +913,24 @@ ffi::Error AttendOne(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// The maximum of row[0:V] (V > 0) by vectors, and whether the row holds a NaN (a NaN makes a lane's running value
+// NaN, so it is tracked apart and the maximum is of the numbers).
+inline float row_max(const float* row, int64_t V, bool& nan) {
+  vec best = splat(row[0]);
+  ivec odd = ivec{} == 1;  // all lanes 0
+  int64_t v = 0;
+  for (; v + kWidth <= V; v += kWidth) {
+    const vec a = load(row + v);
+    odd |= a != a;
+    best = a > best ? a : best;
+  }
+  float m = row[0];
+  nan = false;
+  for (int i = 0; i < kWidth; ++i) m = std::max(m, best[i]), nan |= odd[i] != 0;
+  for (; v < V; ++v) nan |= row[v] != row[v], m = std::max(m, row[v]);
+  return m;
+}
+
 // ---- greedy search: the first maximum of each row ----------------------------------------------------------------
 // out[r] = the index of the first maximum of x[r, :] (of the first NaN when the row has one), as jnp.argmax. One
 // pass over the logits, rows split over the threads; XLA made four passes of it (a max, a compare-select against
@@ -928,25 +946,8 @@ ffi::Error ArgmaxRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result
   parallel_for(pool, chunks, [&](int64_t c) {
     for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
       const float* row = xp + r * V;
-      // the maximum by vectors (a NaN makes the lane's running value NaN: found below), then its first index
-      vec best = splat(row[0]);
-      ivec odd = ivec{} == 1;  // all lanes 0
-      int64_t v = 0;
-      for (; v + kWidth <= V; v += kWidth) {
-        const vec a = load(row + v);
-        odd |= a != a;
-        best = a > best ? a : best;
-      }
-      float m = row[0];
-      bool nan = false;
-      for (int i = 0; i < kWidth; ++i) {
-        m = std::max(m, best[i]);
-        nan |= odd[i] != 0;
-      }
-      for (; v < V; ++v) {
-        nan |= row[v] != row[v];
-        m = std::max(m, row[v]);
-      }
+      bool nan;
+      const float m = row_max(row, V, nan);
       int64_t found = V - 1;
       for (int64_t j = 0; j < V; ++j)
         if (nan ? row[j] != row[j] : row[j] == m) {
@@ -1064,19 +1065,9 @@ ffi::Error BeamCandidates(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       for (int64_t k = 0; k < K; ++k) {
         const float* row = xp + (b * K + k) * V;
         const int32_t base = static_cast<int32_t>(k * V);
-        // the maximum; a NaN anywhere makes the whole row NaN, as XLA's log_softmax
-        vec best = splat(row[0]);
-        ivec odd = ivec{} == 1;
-        int64_t v = 0;
-        for (; v + kWidth <= V; v += kWidth) {
-          const vec a = load(row + v);
-          odd |= a != a;
-          best = a > best ? a : best;
-        }
-        float m = row[0];
-        bool nan = false;
-        for (int i = 0; i < kWidth; ++i) m = std::max(m, best[i]), nan |= odd[i] != 0;
-        for (; v < V; ++v) nan |= row[v] != row[v], m = std::max(m, row[v]);
+        bool nan;  // a NaN anywhere makes the whole row NaN, as XLA's log_softmax
+        const float m = row_max(row, V, nan);
+        int64_t v;
         if (nan) {  // every log-probability of the row is NaN (banned ones -inf), as torch's log_softmax gives
           for (int64_t j = 0; j < V && !(top.full() && top.val[C - 1] != top.val[C - 1]); ++j)
             top.offer(std::binary_search(banned.begin(), banned.end(), j) ? -INFINITY : std::nanf(""),
