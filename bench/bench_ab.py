@@ -11,6 +11,8 @@ statement runs again before each timed call, so switches read at run time work t
 
     .venv/bin/python bench/bench_ab.py b32 "generation.PACKING_BUCKETS = 0" "generation.PACKING_BUCKETS = 16"
     .venv/bin/python bench/bench_ab.py b128 "cpu_kernels.GEMM_MIN_ROWS = 1 << 40" "pass" --runs 9
+    .venv/bin/python bench/bench_ab.py b32 "cpu_kernels.QUANTIZED_MAX_ROWS = 32" "cpu_kernels.QUANTIZED_MAX_ROWS = 8" \
+        --quantize int8
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("b", help="setting B: a Python statement")
     p.add_argument("--runs", type=int, default=11, help="timed pairs (default 11)")
     p.add_argument("--new-tokens", type=int, default=None, help="override the small preset's 32")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="time the model quantized (weight-only) instead of in float32")
     args = p.parse_args(argv)
     for label, stmt in (("A", args.a), ("B", args.b)):
         try:
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     scope = dict(cpu_kernels=cpu_kernels, decoding=decoding, generation=generation, modeling=modeling)
     with tempfile.TemporaryDirectory(prefix="bench_ab_") as work:
         bg.build_reference(shape, 0).save_pretrained(work)
-        model = bertgen_flax.EncoderDecoderModel.from_pretrained(work, scan_layers=False)
+        model = bertgen_flax.EncoderDecoderModel.from_pretrained(work, scan_layers=False, quantize=args.quantize)
     ids, mask = bg.make_inputs(case.batch, shape.source, shape.vocab, 0)
     kwargs = bg.generate_kwargs(shape, case.beams)
     programs, outputs = {}, {}

@@ -17,7 +17,8 @@ at 21 GB/s with 1 row, 10 GB/s with 8 and 4.6 GB/s with 32, while PyTorch's MKL 
 - ``argmax_rows``: the first maximum of each row of the logits in one pass.
 - ``beam_candidates``: beam search's log-softmax, running scores and top candidates, each row read in L1 cache
   and only the candidates written.
-- ``quantized_matmul`` / ``quantized_matmul_nt``: int8 and packed int4 weights widened in registers.
+- ``quantized_matmul`` / ``quantized_matmul_nt``: int8 and packed int4 weights widened in registers (few rows),
+  or widened while the packed product packs them (more rows).
 
 They run on the CPU, for float32, when the kernels are built; otherwise, and on every other platform (through
 ``jax.lax.platform_dependent``), XLA's operations run. Results agree with XLA's to float32 rounding. Under
@@ -48,14 +49,15 @@ import numpy as np
 
 MAX_ROWS = 8         # streaming kernels (memory-bound: a weight read once for all rows) up to this many rows
 MAX_ROWS_NT = 8
-QUANTIZED_MAX_ROWS = 32  # the int8 / int4 kernels (streaming, widening in registers); XLA's products above
+QUANTIZED_MAX_ROWS = 8   # int8 / int4 streaming (widening in registers) up to here; packed, widening while packing, above
 GEMM_MIN_ROWS = MAX_ROWS + 1   # the packed (compute-bound) products from here on
 _NO_LIMIT = 1 << 62
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cc")
 _TARGETS = ("bertgen_matmul_nn", "bertgen_matmul_nt", "bertgen_matmul_nn_i8", "bertgen_matmul_nt_i8",
             "bertgen_matmul_nn_i4", "bertgen_attend_one", "bertgen_gemm_nn", "bertgen_gemm_nn_bias",
             "bertgen_reorder_rows", "bertgen_gemm_packed", "bertgen_argmax_rows",
-            "bertgen_pack_panels", "bertgen_beam_candidates")
+            "bertgen_pack_panels", "bertgen_beam_candidates", "bertgen_gemm_nn_i8", "bertgen_gemm_nn_i4",
+            "bertgen_gemm_nt_i8")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -186,16 +188,27 @@ def _nt(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def quantized_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Callable) -> jax.Array:
     """x [..., K] @ a weight-only quantized kernel in quantization.py's forms: int8 q [K, N] with column scales
-    [N], or packed int4 q [K/2, N] with group scales [K/g, N]; ``xla(x, q, scale)`` elsewhere."""
-    if q.dtype == jnp.uint8:
-        cpu = lambda x, q, s: _call("bertgen_matmul_nn_i4", x, (q, s), q.shape[1])
+    [N], or packed int4 q [K/2, N] with group scales [K/g, N]; ``xla(x, q, scale)`` elsewhere. Up to
+    ``QUANTIZED_MAX_ROWS`` rows the streaming kernels widen in registers; above, the packed product widens the
+    weight while packing its panels."""
+    kind = "i4" if q.dtype == jnp.uint8 else "i8"
+    packed = _rows(x) > QUANTIZED_MAX_ROWS
+    target = f"bertgen_{'gemm' if packed else 'matmul'}_nn_{kind}"
+    if kind == "i4":
+        cpu = lambda x, q, s: _call(target, x, (q, s), q.shape[1])
     else:
-        cpu = lambda x, q, s: _call("bertgen_matmul_nn_i8", x, (q,), q.shape[1]) * s
+        cpu = lambda x, q, s: _call(target, x, (q,), q.shape[1]) * s
+    if packed:
+        return _kernel_or(cpu, xla, x, (q, scale), _NO_LIMIT, (jnp.int8, jnp.uint8), QUANTIZED_MAX_ROWS + 1)
     return _kernel_or(cpu, xla, x, (q, scale), QUANTIZED_MAX_ROWS, (jnp.int8, jnp.uint8))
 
 
 def quantized_matmul_nt(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Callable) -> jax.Array:
-    """x [..., K] @ (int8 q [N, K] scaled per row by scale [N])^T: the tied LM head of an int8 table."""
+    """x [..., K] @ (int8 q [N, K] scaled per row by scale [N])^T: the tied LM head of an int8 table (streamed up
+    to ``MAX_ROWS_NT`` rows, a packed product widening the table while packing it above)."""
+    if _rows(x) > MAX_ROWS_NT:
+        cpu = lambda x, q, s: _call("bertgen_gemm_nt_i8", x, (q,), q.shape[0]) * s
+        return _kernel_or(cpu, xla, x, (q, scale), _NO_LIMIT, (jnp.int8,), MAX_ROWS_NT + 1)
     cpu = lambda x, q, s: _call("bertgen_matmul_nt_i8", x, (q,), q.shape[0]) * s
     return _kernel_or(cpu, xla, x, (q, scale), MAX_ROWS_NT, (jnp.int8,))
 

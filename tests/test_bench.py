@@ -147,3 +147,11 @@ def test_the_ab_bench_times_two_settings_in_one_process_and_checks_their_tokens(
     assert "B / A, median of paired ratios:" in proc.stdout and "same tokens: True" in proc.stdout
     bad = subprocess.run(cmd[:2] + ["b1", "1 +", "pass"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode == 2 and "setting A is not a Python statement" in bad.stderr
+
+
+def test_the_ab_bench_times_a_quantized_model_when_asked():
+    cmd = [sys.executable, os.path.join(BENCH, "bench_ab.py"), "b32", "cpu_kernels.QUANTIZED_MAX_ROWS = 32",
+           "cpu_kernels.QUANTIZED_MAX_ROWS = 8", "--runs", "1", "--new-tokens", "2", "--quantize", "int4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "same tokens: True" in proc.stdout

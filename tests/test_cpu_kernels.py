@@ -147,7 +147,8 @@ def test_gradients_through_the_kernels_are_xlas_gradients(kernels):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("m,k,n", [(1, 256, 1024), (5, 1024, 4096), (3, 1024, 300), (32, 256, 256), (2, 6, 70)])
+@pytest.mark.parametrize("m,k,n", [(1, 256, 1024), (5, 1024, 4096), (3, 1024, 300), (32, 256, 256), (2, 6, 70),
+                                   (33, 256, 256), (64, 256, 1024), (130, 1024, 300), (40, 6, 70)])
 def test_quantized_products_read_the_integers_and_equal_the_widened_weights(kernels, mode, m, k, n):
     from bertgen_flax import quantization
     rng = np.random.default_rng(k + n)
@@ -157,19 +158,22 @@ def test_quantized_products_read_the_integers_and_equal_the_widened_weights(kern
     dense = jax.jit(lambda x, a, b: quantization.quantized_dense(x, a, b, jnp.float32))
     got = np.asarray(dense(x, qk, qs))
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
-    target = "bertgen_matmul_nn_i8" if mode == "int8" else "bertgen_matmul_nn_i4"
+    kind = "gemm" if m > cpu_kernels.QUANTIZED_MAX_ROWS else "matmul"   # streamed, or widened while packed
+    target = f"bertgen_{kind}_nn_{'i8' if mode == 'int8' else 'i4'}"
     assert target in dense.lower(x, qk, qs).as_text()
 
 
-def test_the_int8_tied_head_reads_the_integer_table(kernels):
+@pytest.mark.parametrize("rows,target", [(1, "bertgen_matmul_nt_i8"), (32, "bertgen_gemm_nt_i8"),
+                                         (130, "bertgen_gemm_nt_i8")])
+def test_the_int8_tied_head_reads_the_integer_table(kernels, rows, target):
     from bertgen_flax import quantization
     rng = np.random.default_rng(5)
-    table, h = rng.standard_normal((8000, 256), np.float32), rng.standard_normal((1, 1, 256), np.float32)
+    table, h = rng.standard_normal((8000, 256), np.float32), rng.standard_normal((rows, 1, 256), np.float32)
     q, s = quantization.quantize_int8(table, axis=-1)
     want = np.asarray(h, np.float64) @ (np.asarray(q, np.float64) * np.asarray(s, np.float64)[:, None]).T
     attend = jax.jit(lambda h, q, s: quantization.quantized_attend(h, q, s, jnp.float32))
     assert np.abs(np.asarray(attend(h, q, s)) - want).max() <= 1e-6 * np.abs(want).max()
-    assert "bertgen_matmul_nt_i8" in attend.lower(h, q, s).as_text()
+    assert target in attend.lower(h, q, s).as_text()
 
 
 def _attention_case(b: int, g: int, n: int, s: int, d: int, seed: int):
@@ -442,6 +446,9 @@ def test_the_new_kernels_name_what_they_expect_when_shapes_mismatch(kernels):
     with pytest.raises(Exception, match=r"bertgen_gemm_nn_bias: expects a bias \[N\] for w \[K, N\]"):
         jax.block_until_ready(jax.jit(lambda *a: bias(*a, act=np.int64(0)))(jnp.ones((2, 4)), jnp.ones((4, 3)),
                                                                              jnp.ones(2)))
+    int4 = jax.ffi.ffi_call("bertgen_gemm_nn_i4", jax.ShapeDtypeStruct((20, 3), jnp.float32))
+    with pytest.raises(Exception, match=r"bertgen_gemm_nn_i4: expects x \[M, K\], packed q \[K/2, N\]"):
+        jax.block_until_ready(jax.jit(int4)(jnp.ones((20, 6)), jnp.ones((2, 3), jnp.uint8), jnp.ones((1, 3))))
 
 
 def test_packing_without_the_kernels_says_why(tmp_path):

@@ -12,6 +12,8 @@
 //   bertgen_matmul_nt      y[M, N] = x[M, K] @ w[N, K]^T      w float32 (the tied LM head: the embedding table)
 //   bertgen_matmul_nt_i8   y[M, N] = x[M, K] @ q[N, K]^T      q int8 (the caller scales the columns)
 //   bertgen_gemm_nn        y[M, N] = x[M, K] @ w[K, N]        9 rows and up
+//   bertgen_gemm_nn_i8/i4  the same for int8 / packed int4 weights, widened while packed
+//   bertgen_gemm_nt_i8     y[M, N] = x[M, K] @ q[N, K]^T      an int8 table, 9 rows and up
 //   bertgen_gemm_nn_bias   y = act(x @ w + b)                 y [M, N] or head-major [M / S, N / D, S, D]
 //   bertgen_gemm_packed    y = act(x @ w + b)                 w packed once per generate call (bertgen_pack_panels)
 //   bertgen_pack_panels    w [K, N] or [N, K] -> [P, K, panel width]
@@ -489,14 +491,50 @@ inline vec fmadd(vec a, vec b, vec c) { return a * b + c; }
 struct View {
   const float* p;
   int64_t si, sk;
+  // Or a quantized weight (quantization.py's forms), widened while it is packed: int8 q8 with the strides above
+  // ([K, N], or a table [N, K] read transposed; the caller scales the columns), or packed int4 q4 [K/2, N] times
+  // its scales [K/group, N].
+  const int8_t* q8 = nullptr;
+  const uint8_t* q4 = nullptr;
+  const float* scale = nullptr;
+  int64_t group = 0;
 };
+
+// The weight at row k, column j of a quantized View with N columns, as float (int4: times its group's scale).
+inline float quantized_at(const View& b, int64_t N, int64_t k, int64_t j) {
+  if (b.q8) return static_cast<float>(b.q8[k * b.sk + j * b.si]);
+  const uint8_t byte = b.q4[k / 2 * N + j];
+  return static_cast<float>(((k & 1) ? (byte >> 4) : (byte & 15)) - 8) * b.scale[k / b.group * N + j];
+}
 
 // Packs B rows k0 .. k0+kc, columns j0 .. j0+nc (zero past J) into panels: panel q holds [kc][kNr] contiguous.
 void pack_b(View b, int64_t J, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* out) {
   for (int64_t q = 0; q * kNr < nc; ++q) {
     float* dst = out + q * kc * kNr;
     const int64_t jq = j0 + q * kNr, width = std::min<int64_t>(kNr, J - jq);
-    if (b.sk != 1 && b.si == 1 && width == kNr) {  // rows of the panel contiguous in j: two vector copies per k
+    if (b.q8 && b.si == 1 && width == kNr) {
+      for (int64_t k = 0; k < kc; ++k) {
+        const int8_t* src = b.q8 + (k0 + k) * b.sk + jq;
+        store(dst + k * kNr, load_w(src));
+        store(dst + k * kNr + kWidth, load_w(src + kWidth));
+      }
+    } else if (b.q4 && width == kNr && k0 % 2 == 0 && kc % 2 == 0) {  // two rows per byte row, one scale row
+      for (int64_t k = 0; k < kc; k += 2) {
+        const uint8_t* src = b.q4 + (k0 + k) / 2 * J + jq;
+        const float* sc = b.scale + (k0 + k) / b.group * J + jq;
+        vec lo0, hi0, lo1, hi1;
+        load_i4(src, lo0, hi0);
+        load_i4(src + kWidth, lo1, hi1);
+        const vec s0 = load(sc), s1 = load(sc + kWidth);
+        store(dst + k * kNr, lo0 * s0);
+        store(dst + k * kNr + kWidth, lo1 * s1);
+        store(dst + (k + 1) * kNr, hi0 * s0);
+        store(dst + (k + 1) * kNr + kWidth, hi1 * s1);
+      }
+    } else if (b.q8 || b.q4) {  // int4 (widened as XLA's reference widens it), a table, or a last panel
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t j = 0; j < kNr; ++j) dst[k * kNr + j] = j < width ? quantized_at(b, J, k0 + k, jq + j) : 0.0f;
+    } else if (b.sk != 1 && b.si == 1 && width == kNr) {  // rows of the panel contiguous in j: two vector copies per k
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = b.p + (k0 + k) * b.sk + jq;
         store(dst + k * kNr, load(src));
@@ -695,6 +733,49 @@ ffi::Error gemm_nn(ffi::ThreadPool& pool, const ffi::AnyBuffer::Dimensions& xd, 
   out.act = act;
   if (K == 0) return ffi::Error::InvalidArgument(std::string(name) + ": K must be positive");
   gemm(pool, View{x, K, 1}, View{w, 1, N}, out, M, K, N);
+  return ffi::Error::Success();
+}
+
+// y[M, N] = x[M, K] @ widen(q) for a quantized weight, widened while its panels are packed: int8 q [K, N] (the
+// caller scales the columns), or packed int4 q [K/2, N] times scales s [K/g, N]. For 9 rows and more, where the
+// streaming kernels' widening in registers costs more compute than their saved bytes are worth.
+ffi::Error GemmNNI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || xd[1] != qd[0] || xd[1] == 0 || yd.size() != 2 || yd[0] != xd[0] ||
+      yd[1] != qd[1])
+    return ffi::Error::InvalidArgument("bertgen_gemm_nn_i8: expects x [M, K], q [K, N] int8 and y [M, N]");
+  View b{nullptr, 1, qd[1]};
+  b.q8 = q.typed_data();
+  gemm(pool, View{x.typed_data(), xd[1], 1}, b, Out{y->typed_data(), qd[1]}, xd[0], xd[1], qd[1]);
+  return ffi::Error::Success();
+}
+
+// y[M, N] = x[M, K] @ q[N, K]^T for an int8 table (the tied LM head; the caller scales the columns).
+ffi::Error GemmNTI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || xd[1] != qd[1] || xd[1] == 0 || yd.size() != 2 || yd[0] != xd[0] ||
+      yd[1] != qd[0])
+    return ffi::Error::InvalidArgument("bertgen_gemm_nt_i8: expects x [M, K], q [N, K] int8 and y [M, N]");
+  View b{nullptr, qd[1], 1};
+  b.q8 = q.typed_data();
+  gemm(pool, View{x.typed_data(), xd[1], 1}, b, Out{y->typed_data(), qd[0]}, xd[0], xd[1], qd[0]);
+  return ffi::Error::Success();
+}
+
+ffi::Error GemmNNI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F32> s,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), qd = q.dimensions(), sd = s.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2 || xd[1] != 2 * qd[0] || xd[1] == 0 || sd[1] != qd[1] ||
+      sd[0] < 1 || xd[1] % sd[0] != 0 || (xd[1] / sd[0]) % 2 != 0 || yd.size() != 2 || yd[0] != xd[0] ||
+      yd[1] != qd[1])
+    return ffi::Error::InvalidArgument(
+        "bertgen_gemm_nn_i4: expects x [M, K], packed q [K/2, N], scales [K/g, N] with an even g dividing K, "
+        "y [M, N]");
+  View b{nullptr, 1, qd[1]};
+  b.q4 = q.typed_data(), b.scale = s.typed_data(), b.group = xd[1] / sd[0];
+  gemm(pool, View{x.typed_data(), xd[1], 1}, b, Out{y->typed_data(), qd[1]}, xd[0], xd[1], qd[1]);
   return ffi::Error::Success();
 }
 
@@ -1130,13 +1211,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nt, MatmulNT, BERTGEN_BIND2(ffi::F3
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nt_i8, MatmulNTI8, BERTGEN_BIND2(ffi::S8));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_nn, GemmNN, BERTGEN_BIND2(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_nn_bias, GemmNNBias, BERTGEN_BIND_BIAS_ACT);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nn_i4, MatmulNNI4,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define BERTGEN_BIND_I4                                                                                       \
+  ffi::Ffi::Bind()                                                                                            \
+      .Ctx<ffi::ThreadPool>()                                                                                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Arg<ffi::Buffer<ffi::U8>>()                                                                            \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Ret<ffi::Buffer<ffi::F32>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_matmul_nn_i4, MatmulNNI4, BERTGEN_BIND_I4);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_nn_i8, GemmNNI8, BERTGEN_BIND2(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_nt_i8, GemmNTI8, BERTGEN_BIND2(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_nn_i4, GemmNNI4, BERTGEN_BIND_I4);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_attend_one, AttendOne,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
