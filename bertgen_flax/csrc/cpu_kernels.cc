@@ -669,8 +669,10 @@ void block_rows_any(const float* a, int64_t lda, const float* packed, int64_t kc
 // k per packed block: kGemmKc, deeper when C has fewer columns than a packed block holds (less adding into C).
 // It depends on J alone, so an element's sum is the same however C is split over threads (a half batch gives its
 // rows' values bit for bit).
+// A multiple of 8, so that packed int4 rows (two per byte) never straddle two blocks (J = 384 gave 341, and int4
+// products of that width fell back to widening one weight at a time: 4x slower).
 int64_t k_depth(int64_t J) {
-  return std::max(kGemmKc, kGemmKc * kGemmNc / std::min(kGemmNc, (J + kNr - 1) / kNr * kNr));
+  return std::max(kGemmKc, kGemmKc * kGemmNc / std::min(kGemmNc, (J + kNr - 1) / kNr * kNr) / 8 * 8);
 }
 
 // C[i0:i1, j0:j1] of C[I, J] = A @ B, A's rows contiguous in k (row stride a.si). Rows are cut into blocks of
