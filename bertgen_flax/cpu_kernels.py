@@ -49,7 +49,7 @@ import numpy as np
 
 MAX_ROWS = 8         # streaming kernels (memory-bound: a weight read once for all rows) up to this many rows
 MAX_ROWS_NT = 8
-QUANTIZED_MAX_ROWS = 8   # int8 / int4 streaming (widening in registers) up to here; packed, widening while packing, above
+QUANTIZED_MAX_ROWS = 8   # int8 / int4 streamed (widened in registers) up to here; above, widened while packed
 GEMM_MIN_ROWS = MAX_ROWS + 1   # the packed (compute-bound) products from here on
 _NO_LIMIT = 1 << 62
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cc")

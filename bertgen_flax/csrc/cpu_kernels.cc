@@ -738,32 +738,33 @@ ffi::Error gemm_nn(ffi::ThreadPool& pool, const ffi::AnyBuffer::Dimensions& xd, 
   return ffi::Error::Success();
 }
 
-// y[M, N] = x[M, K] @ widen(q) for a quantized weight, widened while its panels are packed: int8 q [K, N] (the
-// caller scales the columns), or packed int4 q [K/2, N] times scales s [K/g, N]. For 9 rows and more, where the
-// streaming kernels' widening in registers costs more compute than their saved bytes are worth.
-ffi::Error GemmNNI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                    ffi::ResultBuffer<ffi::F32> y) {
+// y[M, N] = x[M, K] @ widen(q) for a quantized weight, widened while its panels are packed: int8 q [K, N], or an
+// int8 table q [N, K] read transposed (the tied LM head), the caller scaling the columns; or packed int4 q [K/2, N]
+// times scales s [K/g, N]. For 9 rows and more, where the streaming kernels' widening in registers costs more
+// compute than their saved bytes are worth.
+ffi::Error gemm_i8(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S8>& q,
+                   ffi::ResultBuffer<ffi::F32>& y, bool transposed) {
   auto xd = x.dimensions(), qd = q.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || qd.size() != 2 || xd[1] != qd[0] || xd[1] == 0 || yd.size() != 2 || yd[0] != xd[0] ||
-      yd[1] != qd[1])
-    return ffi::Error::InvalidArgument("bertgen_gemm_nn_i8: expects x [M, K], q [K, N] int8 and y [M, N]");
-  View b{nullptr, 1, qd[1]};
+  const int64_t n = transposed ? 0 : 1;  // q's axis of the outputs
+  if (xd.size() != 2 || qd.size() != 2 || xd[1] != qd[1 - n] || xd[1] == 0 || yd.size() != 2 || yd[0] != xd[0] ||
+      yd[1] != qd[n])
+    return ffi::Error::InvalidArgument(transposed
+                                           ? "bertgen_gemm_nt_i8: expects x [M, K], q [N, K] int8 and y [M, N]"
+                                           : "bertgen_gemm_nn_i8: expects x [M, K], q [K, N] int8 and y [M, N]");
+  View b{nullptr, transposed ? xd[1] : 1, transposed ? 1 : qd[1]};
   b.q8 = q.typed_data();
-  gemm(pool, View{x.typed_data(), xd[1], 1}, b, Out{y->typed_data(), qd[1]}, xd[0], xd[1], qd[1]);
+  gemm(pool, View{x.typed_data(), xd[1], 1}, b, Out{y->typed_data(), qd[n]}, xd[0], xd[1], qd[n]);
   return ffi::Error::Success();
 }
 
-// y[M, N] = x[M, K] @ q[N, K]^T for an int8 table (the tied LM head; the caller scales the columns).
+ffi::Error GemmNNI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  return gemm_i8(pool, x, q, y, false);
+}
+
 ffi::Error GemmNTI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                     ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), qd = q.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || qd.size() != 2 || xd[1] != qd[1] || xd[1] == 0 || yd.size() != 2 || yd[0] != xd[0] ||
-      yd[1] != qd[0])
-    return ffi::Error::InvalidArgument("bertgen_gemm_nt_i8: expects x [M, K], q [N, K] int8 and y [M, N]");
-  View b{nullptr, qd[1], 1};
-  b.q8 = q.typed_data();
-  gemm(pool, View{x.typed_data(), xd[1], 1}, b, Out{y->typed_data(), qd[0]}, xd[0], xd[1], qd[0]);
-  return ffi::Error::Success();
+  return gemm_i8(pool, x, q, y, true);
 }
 
 ffi::Error GemmNNI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q, ffi::Buffer<ffi::F32> s,
@@ -1123,8 +1124,8 @@ ffi::Error BeamCandidates(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
                           ffi::Buffer<ffi::S32> eos, ffi::Buffer<ffi::S32> ban, ffi::ResultBuffer<ffi::F32> values,
                           ffi::ResultBuffer<ffi::S32> indices) {
   auto xd = x.dimensions(), rd = running.dimensions(), vd = values->dimensions(), id = indices->dimensions();
-  if (xd.size() != 3 || xd[2] == 0 || rd.size() != 2 || rd[0] != xd[0] || rd[1] != xd[1] || eos.dimensions().size() != 1 ||
-      ban.element_count() != 1 || vd.size() != 2 || vd[0] != xd[0] || vd[1] > xd[1] * xd[2] || vd[1] < 1 ||
+  if (xd.size() != 3 || xd[2] == 0 || rd.size() != 2 || rd[0] != xd[0] || rd[1] != xd[1] ||
+      eos.dimensions().size() != 1 || ban.element_count() != 1 || vd.size() != 2 || vd[0] != xd[0] || vd[1] > xd[1] * xd[2] || vd[1] < 1 ||
       id.size() != 2 || id[0] != vd[0] || id[1] != vd[1] || xd[1] * xd[2] > INT32_MAX)
     return ffi::Error::InvalidArgument(
         "bertgen_beam_candidates: expects x [B, K, V], running scores [B, K], eos ids [E], a scalar ban flag and "
