@@ -1125,7 +1125,8 @@ ffi::Error BeamCandidates(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
                           ffi::ResultBuffer<ffi::S32> indices) {
   auto xd = x.dimensions(), rd = running.dimensions(), vd = values->dimensions(), id = indices->dimensions();
   if (xd.size() != 3 || xd[2] == 0 || rd.size() != 2 || rd[0] != xd[0] || rd[1] != xd[1] ||
-      eos.dimensions().size() != 1 || ban.element_count() != 1 || vd.size() != 2 || vd[0] != xd[0] || vd[1] > xd[1] * xd[2] || vd[1] < 1 ||
+      eos.dimensions().size() != 1 || ban.element_count() != 1 || vd.size() != 2 || vd[0] != xd[0] ||
+      vd[1] > xd[1] * xd[2] || vd[1] < 1 ||
       id.size() != 2 || id[0] != vd[0] || id[1] != vd[1] || xd[1] * xd[2] > INT32_MAX)
     return ffi::Error::InvalidArgument(
         "bertgen_beam_candidates: expects x [B, K, V], running scores [B, K], eos ids [E], a scalar ban flag and "
@@ -1149,7 +1150,7 @@ ffi::Error BeamCandidates(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       for (int64_t k = 0; k < K; ++k) {
         const float* row = xp + (b * K + k) * V;
         const int32_t base = static_cast<int32_t>(k * V);
-        bool nan;  // a NaN anywhere makes the whole row NaN, as XLA's log_softmax
+        bool nan;  // a NaN anywhere makes the whole row NaN, as torch's log_softmax (XLA's CPU max may skip it)
         const float m = row_max(row, V, nan);
         int64_t v;
         if (nan) {  // every log-probability of the row is NaN (banned ones -inf), as torch's log_softmax gives
