@@ -68,7 +68,7 @@ SPIN_US = 50  # how long a pool thread that ran out of chunks keeps looking for 
 
 def set_spin_us(us: float) -> None:
     """How long (microseconds) one of XLA's pool threads that finished its share of a kernel keeps looking for
-    the next kernel's work before it returns to the pool (0: at once). A thread woken from sleep starts 10-40 us
+    the next kernel's work before it returns to the pool (0: at once). A thread woken from sleep started 11-43 us
     late, as long as a batch-1 product takes; one that lingers takes its share at once."""
     if _LIB is not None:
         _LIB.bertgen_set_spin_ns(ctypes.c_int64(int(us * 1000)))
@@ -198,19 +198,18 @@ def quantized_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Callable
         cpu = lambda x, q, s: _call(target, x, (q, s), q.shape[1])
     else:
         cpu = lambda x, q, s: _call(target, x, (q,), q.shape[1]) * s
-    if packed:
-        return _kernel_or(cpu, xla, x, (q, scale), _NO_LIMIT, (jnp.int8, jnp.uint8), QUANTIZED_MAX_ROWS + 1)
-    return _kernel_or(cpu, xla, x, (q, scale), QUANTIZED_MAX_ROWS, (jnp.int8, jnp.uint8))
+    low, high = (QUANTIZED_MAX_ROWS + 1, _NO_LIMIT) if packed else (1, QUANTIZED_MAX_ROWS)
+    return _kernel_or(cpu, xla, x, (q, scale), high, (jnp.int8, jnp.uint8), low)
 
 
 def quantized_matmul_nt(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Callable) -> jax.Array:
     """x [..., K] @ (int8 q [N, K] scaled per row by scale [N])^T: the tied LM head of an int8 table (streamed up
     to ``MAX_ROWS_NT`` rows, a packed product widening the table while packing it above)."""
-    if _rows(x) > MAX_ROWS_NT:
-        cpu = lambda x, q, s: _call("bertgen_gemm_nt_i8", x, (q,), q.shape[0]) * s
-        return _kernel_or(cpu, xla, x, (q, scale), _NO_LIMIT, (jnp.int8,), MAX_ROWS_NT + 1)
-    cpu = lambda x, q, s: _call("bertgen_matmul_nt_i8", x, (q,), q.shape[0]) * s
-    return _kernel_or(cpu, xla, x, (q, scale), MAX_ROWS_NT, (jnp.int8,))
+    packed = _rows(x) > MAX_ROWS_NT
+    target = "bertgen_gemm_nt_i8" if packed else "bertgen_matmul_nt_i8"
+    cpu = lambda x, q, s: _call(target, x, (q,), q.shape[0]) * s
+    low, high = (MAX_ROWS_NT + 1, _NO_LIMIT) if packed else (1, MAX_ROWS_NT)
+    return _kernel_or(cpu, xla, x, (q, scale), high, (jnp.int8,), low)
 
 
 def _attend_kernel(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, xla: Callable) -> jax.Array:
@@ -432,7 +431,6 @@ def argmax_rows(x: jax.Array, xla: Callable[[jax.Array], jax.Array]) -> jax.Arra
         return xla(x)
     cpu = lambda x: jax.ffi.ffi_call("bertgen_argmax_rows", jax.ShapeDtypeStruct(x.shape[:1], jnp.int32))(x)
     return jax.lax.platform_dependent(x, cpu=cpu, default=xla)
-
 
 
 def beam_candidates(x: jax.Array, running: jax.Array, eos: jax.Array, ban: jax.Array, count: int,

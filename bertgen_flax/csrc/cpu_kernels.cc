@@ -133,7 +133,7 @@ inline float widen(int8_t w) { return static_cast<float>(w); }
 // counter: a pool task that starts late finds none left and returns, so the caller only ever waits for chunks that
 // are already running (never for a task still queued behind a busy thread), which cannot deadlock.
 //
-// A pool thread that was asleep starts 10-40 us after it is asked, about as long as a batch-1 product takes, so
+// A pool thread that was asleep started 11-43 us after it was asked (means of runs), as long as a batch-1 product, so
 // the second core did little at batch 1. So a pool task, when it runs out of chunks, stays for up to g_spin_ns
 // looking for the next parallel_for's job in a mailbox (each new job resets its wait), and takes chunks of it
 // straight away. (Helper threads of our own that spun between calls were tried earlier and were 6% slower at
@@ -158,7 +158,8 @@ std::atomic<uint64_t> g_job_serial{0};  // bumped when a job is posted
 std::mutex g_job_mutex;
 std::shared_ptr<Job> g_job;             // the latest job (guarded by g_job_mutex)
 
-void linger(std::shared_ptr<Job> job, uint64_t serial) {
+// Called by a pool task when its job has no chunks left; `serial` is that job's.
+void linger(uint64_t serial) {
   const int64_t spin = g_spin_ns.load(std::memory_order_relaxed);
   if (spin <= 0) return;
   g_lingering.fetch_add(1);
@@ -171,13 +172,13 @@ void linger(std::shared_ptr<Job> job, uint64_t serial) {
 #endif
       continue;
     }
+    std::shared_ptr<Job> job;
     {
       std::lock_guard<std::mutex> lock(g_job_mutex);
       job = g_job;
       serial = g_job_serial.load(std::memory_order_acquire);
     }
     if (job) job->work();
-    job.reset();
     until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin);
   }
   g_lingering.fetch_sub(1);
@@ -203,12 +204,14 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F chunk) {
   for (int64_t t = 1 + g_lingering.load(std::memory_order_acquire); t < workers; ++t)
     pool.Schedule([job, serial]() {
       job->work();
-      linger(job, serial);
+      linger(serial);
     });
   job->work();
   while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
   std::lock_guard<std::mutex> lock(g_job_mutex);
-  if (g_job == job) g_job.reset();  // the chunk closure refers to this frame: no one may start it after we return
+  // Every chunk is done, so a thread still holding the job finds none to start (the closure refers to this
+  // frame); drop the mailbox's reference so that lingering threads stop looking at it.
+  if (g_job == job) g_job.reset();
 }
 
 // The NN product streams w in memory order. Each thread takes a contiguous range of the rows of w (so it reads
