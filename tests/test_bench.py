@@ -155,3 +155,5 @@ def test_the_ab_bench_times_a_quantized_model_when_asked():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "same tokens: True" in proc.stdout
+    bad = subprocess.run(cmd[:-1] + ["int3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode == 2 and "--quantize: invalid choice: 'int3'" in bad.stderr

@@ -447,6 +447,17 @@ def test_the_new_kernels_name_what_they_expect_when_shapes_mismatch(kernels):
     with pytest.raises(Exception, match=r"bertgen_gemm_nn_bias: expects a bias \[N\] for w \[K, N\]"):
         jax.block_until_ready(jax.jit(lambda *a: bias(*a, act=np.int64(0)))(jnp.ones((2, 4)), jnp.ones((4, 3)),
                                                                              jnp.ones(2)))
+    int8 = jax.ffi.ffi_call("bertgen_gemm_nn_i8", jax.ShapeDtypeStruct((20, 3), jnp.float32))
+    with pytest.raises(Exception, match=r"bertgen_gemm_nn_i8: expects x \[M, K\], q \[K, N\] int8"):
+        jax.block_until_ready(jax.jit(int8)(jnp.ones((20, 6)), jnp.ones((5, 3), jnp.int8)))
+    table = jax.ffi.ffi_call("bertgen_gemm_nt_i8", jax.ShapeDtypeStruct((20, 3), jnp.float32))
+    with pytest.raises(Exception, match=r"bertgen_gemm_nt_i8: expects x \[M, K\], q \[N, K\] int8"):
+        jax.block_until_ready(jax.jit(table)(jnp.ones((20, 6)), jnp.ones((3, 5), jnp.int8)))
+    out = (jax.ShapeDtypeStruct((2, 9), jnp.float32), jax.ShapeDtypeStruct((2, 9), jnp.int32))
+    candidates = jax.ffi.ffi_call("bertgen_beam_candidates", out)   # 9 candidates of 2 x 4 values: too many
+    with pytest.raises(Exception, match=r"bertgen_beam_candidates: expects x \[B, K, V\].*1 <= C <= K \* V"):
+        jax.block_until_ready(jax.jit(candidates)(jnp.ones((2, 2, 4)), jnp.ones((2, 2)), jnp.ones(1, jnp.int32),
+                                                  jnp.zeros((), jnp.int32)))
     int4 = jax.ffi.ffi_call("bertgen_gemm_nn_i4", jax.ShapeDtypeStruct((20, 3), jnp.float32))
     with pytest.raises(Exception, match=r"bertgen_gemm_nn_i4: expects x \[M, K\], packed q \[K/2, N\]"):
         jax.block_until_ready(jax.jit(int4)(jnp.ones((20, 6)), jnp.ones((2, 3), jnp.uint8), jnp.ones((1, 3))))
