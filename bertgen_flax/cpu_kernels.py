@@ -9,12 +9,13 @@ at 21 GB/s with 1 row, 10 GB/s with 8 and 4.6 GB/s with 32, while PyTorch's MKL 
   (BLAS-style panels and register blocks) runs, in a decode step at batch 32 14% faster than the streaming
   kernel and at 128 rows 2% faster than XLA's. ``dense`` and ``dense_heads`` add the bias, a GELU and the
   head-major [B, heads, S, head_dim] layout of keys and values inside the product.
-- ``pack_for_steps`` / ``packed_dense``: the decoder's weights copied once per generate call into the packed
-  products' layout, so decode steps do not copy them again (6% of a batch-32 step).
+- ``pack_kernels`` / ``pack_for_steps`` / ``PackedWeights`` / ``packed_dense``: weights copied into the packed
+  products' layout once (per model, or per generate call), so products do not copy them again.
 - ``attend_one``: a decode step's attention over the caches, or an encoder's over its keys, fused (scores, mask,
   softmax and weighted sum per row and head; keys after the last allowed one are not read).
 - ``reorder_rows``: beam search's cache reorder in place, over the positions written so far.
 - ``argmax_rows``: the first maximum of each row of the logits in one pass.
+- ``layer_norm``: LayerNorm of x + residual per row in one kernel (XLA ran it as six small thunks).
 - ``beam_candidates``: beam search's log-softmax, running scores and top candidates, each row read in L1 cache
   and only the candidates written.
 - ``quantized_matmul`` / ``quantized_matmul_nt``: int8 and packed int4 weights widened in registers (few rows),
@@ -57,7 +58,7 @@ _TARGETS = ("bertgen_matmul_nn", "bertgen_matmul_nt", "bertgen_matmul_nn_i8", "b
             "bertgen_matmul_nn_i4", "bertgen_attend_one", "bertgen_gemm_nn", "bertgen_gemm_nn_bias",
             "bertgen_reorder_rows", "bertgen_gemm_packed", "bertgen_argmax_rows",
             "bertgen_pack_panels", "bertgen_beam_candidates", "bertgen_gemm_nn_i8", "bertgen_gemm_nn_i4",
-            "bertgen_gemm_nt_i8")
+            "bertgen_gemm_nt_i8", "bertgen_layer_norm", "bertgen_add_layer_norm")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -341,6 +342,53 @@ def dense_heads(x: jax.Array, w: jax.Array, b: jax.Array, heads: int) -> jax.Arr
     return _dense_heads(x, w, b, heads)
 
 
+# ---- LayerNorm ----------------------------------------------------------------------------------------------
+def _norm_reference(x: jax.Array, residual: Optional[jax.Array], scale: jax.Array, bias: jax.Array, eps: float,
+                    dtype: Any) -> jax.Array:
+    """flax's ``nn.LayerNorm`` (two-pass variance, float32 statistics) of x + residual, in ``dtype``."""
+    if residual is not None:
+        x = x + residual
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.square(xf - mean).mean(-1, keepdims=True))
+    return ((x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias).astype(dtype)
+
+
+def _norm_kernel(x: jax.Array, residual: Optional[jax.Array], scale: jax.Array, bias: jax.Array, eps: float,
+                 dtype: Any) -> jax.Array:
+    n = x.shape[-1] if x.ndim else 0
+    operands = (x,) + (() if residual is None else (residual,)) + (scale, bias)
+    if not (n > 0 and all(o.dtype == jnp.float32 for o in operands) and jnp.dtype(dtype) == jnp.float32
+            and scale.shape == bias.shape == (n,) and (residual is None or residual.shape == x.shape)
+            and _on_cpu()):
+        return _norm_reference(x, residual, scale, bias, eps, dtype)
+    target = "bertgen_layer_norm" if residual is None else "bertgen_add_layer_norm"
+    out = jax.ShapeDtypeStruct((x.size // n, n), jnp.float32)
+
+    def cpu(*ops):
+        rows = [o.reshape(-1, n) for o in ops[:-2]]
+        return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*rows, *ops[-2:], eps=np.float32(eps)
+                                                                       ).reshape(x.shape)
+    reference = lambda *ops: _norm_reference(ops[0], ops[1] if residual is not None else None, *ops[-2:], eps,
+                                             dtype)
+    return jax.lax.platform_dependent(*operands, cpu=cpu, default=reference)
+
+
+_norm_add = _fused(_norm_kernel, _norm_reference, nondiff=(4, 5))
+_norm = _fused(lambda x, s, b, eps, dtype: _norm_kernel(x, None, s, b, eps, dtype),
+               lambda x, s, b, eps, dtype: _norm_reference(x, None, s, b, eps, dtype), nondiff=(3, 4))
+
+
+def layer_norm(x: jax.Array, residual: Optional[jax.Array], scale: jax.Array, bias: jax.Array, eps: float,
+               dtype: Any = jnp.float32) -> jax.Array:
+    """LayerNorm over the last axis of x + residual (or x): mean, two-pass variance, ``scale`` and ``bias``, in
+    ``dtype``. On the CPU (float32) one kernel pass per row, the residual add included; XLA elsewhere, and its
+    derivative under differentiation."""
+    if residual is None:
+        return _norm(x, scale, bias, float(eps), dtype)
+    return _norm_add(x, residual, scale, bias, float(eps), dtype)
+
+
 def reorder_rows(x: jax.Array, rows: jax.Array, length: jax.Array) -> jax.Array:
     """Beam search's cache reorder: x [B, N, S, D] with row b taken from row ``rows[b]`` at the positions before
     ``length`` (those after it are not written yet and may keep other values). On the CPU in place, copying only
@@ -354,21 +402,32 @@ def reorder_rows(x: jax.Array, rows: jax.Array, length: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(x, rows, length, cpu=cpu, default=xla)
 
 
-# ---- weights packed once per generate call ---------------------------------------------------------------------
-# The packed products copy each weight into panels of the build's panel width on every call; a decode step with
-# 9 or more rows would copy every decoder weight once per step. ``pack_for_steps`` does that copy once, in the
-# generate program before its loop, into ``pkernel`` [P, in, width] leaves (and ``pembedding`` for a tied LM head,
-# the table transposed into the same layout), which ``Dense`` and ``Embed.attend`` then hand to
-# ``bertgen_gemm_packed`` as they are. It costs a second copy of the decoder's weights while the call runs.
+# ---- weights packed beforehand --------------------------------------------------------------------------------
+# The packed products copy each weight into panels of the build's panel width on every call. ``pack_kernels``
+# does that copy once, into ``pkernel`` [P, in, width] leaves (stacked [L, P, in, width] under ``nn.scan``) and
+# ``pembedding`` for a tied LM head (the table transposed into the same layout), which ``Dense`` and
+# ``Embed.attend`` then hand to ``bertgen_gemm_packed`` as they are:
+# - ``pack_for_steps``, in the generate program before its loop: a decode step with 9 or more rows would copy
+#   every decoder weight once per step (6% of a batch-32 step);
+# - ``PackedWeights``, once per model: the products that run once per call over all source tokens (the
+#   encoder's, the cross-attention keys and values) and, for steps of 9 rows and more, the decoder's. At batch 1
+#   the encoder's own packing was a tenth of a call (0.33 of 2.98 ms for the small preset's encoder).
 def packing_pays(rows: int) -> bool:
     """Whether steps of ``rows`` rows run the packed products on this process's CPU kernels."""
-    return rows >= GEMM_MIN_ROWS and _on_cpu() and _PANEL > 0
+    return rows >= GEMM_MIN_ROWS and packs_weights()
+
+
+def packs_weights() -> bool:
+    """Whether this process's products read weights packed beforehand (``pack_kernels``)."""
+    return _on_cpu() and _PANEL > 0
 
 
 def _pack(w: jax.Array, transposed: bool) -> jax.Array:
     if not available():  # the panel width is the built library's
         raise RuntimeError("packing weights needs the CPU kernels, which are not available in this process "
                            "(BERTGEN_CPU_KERNELS=0, no compiler, or a failed build: see the warning)")
+    if w.ndim == 3:  # stacked layers (nn.scan): each packed, restacked
+        return jnp.stack([_pack(layer, transposed) for layer in w])
     k, n = w.shape[::-1] if transposed else w.shape
     p = -(-n // _PANEL)
 
@@ -381,7 +440,7 @@ def _pack(w: jax.Array, transposed: bool) -> jax.Array:
 
 
 def pack_kernel(w: jax.Array) -> jax.Array:
-    """A Dense kernel [in, out] as panels [P, in, width] (columns past ``out`` zero)."""
+    """A Dense kernel [in, out] (or stacked [L, in, out]) as panels [P, in, width] (columns past ``out`` zero)."""
     return _pack(w, transposed=False)
 
 
@@ -390,37 +449,120 @@ def pack_table(e: jax.Array) -> jax.Array:
     return _pack(e, transposed=True)
 
 
-def pack_for_steps(tree: Any, tied_table: bool) -> Any:
-    """``tree`` (a decoder's params) with every float32 Dense ``kernel`` replaced by its ``pkernel`` and, when the
-    LM head is tied (``tied_table``), a ``pembedding`` beside the word embeddings' table."""
+def pack_kernels(tree: Any, tied_table: bool, select: Callable[[tuple], bool] = lambda path: True,
+                 path: tuple = ()) -> Any:
+    """``tree`` with every float32 Dense ``kernel`` (2-D, or stacked 3-D) under a module path that ``select``
+    accepts replaced by its ``pkernel``; with ``tied_table``, a selected ``word_embeddings`` table also gets a
+    ``pembedding`` (the tied LM head's layout). Leaves already packed are kept."""
     if not isinstance(tree, dict):
         return tree
     out = {}
     for key, value in tree.items():
-        if key == "kernel" and getattr(value, "ndim", 0) == 2 and value.dtype == jnp.float32:
+        if (key == "kernel" and getattr(value, "ndim", 0) in (2, 3) and value.dtype == jnp.float32
+                and select(path)):
             out["pkernel"] = pack_kernel(value)
         elif isinstance(value, dict):
-            out[key] = pack_for_steps(value, tied_table)
-            if (key == "word_embeddings" and tied_table and "embedding" in value
-                    and value["embedding"].dtype == jnp.float32):
+            out[key] = pack_kernels(value, tied_table, select, path + (key,))
+            if (key == "word_embeddings" and tied_table and select(path + (key,)) and "pembedding" not in value
+                    and getattr(value.get("embedding"), "dtype", None) == jnp.float32):
                 out[key] = dict(out[key], pembedding=pack_table(value["embedding"]))
         else:
             out[key] = value
     return out
 
 
-def packed_dense(x: jax.Array, wp: jax.Array, b: jax.Array, n: int, activation: Optional[Callable] = None
-                 ) -> jax.Array:
-    """``activation(x @ w + b)`` [..., n] from w packed by ``pack_kernel`` / ``pack_table``. Inference only."""
+def pack_for_steps(tree: Any, tied_table: bool) -> Any:
+    """``tree`` (a decoder's params) with every float32 Dense ``kernel`` replaced by its ``pkernel`` and, when the
+    LM head is tied (``tied_table``), a ``pembedding`` beside the word embeddings' table."""
+    return pack_kernels(tree, tied_table)
+
+
+def _once_per_call(path: tuple) -> bool:
+    """Products of an encoder-decoder's generate call that run once, over every source token: all but the
+    decoder's, and the decoder's cross-attention keys and values."""
+    return path[:1] != ("decoder",) or (path[-3:-1] == ("crossattention", "self") and path[-1] in ("key", "value"))
+
+
+def fuse_qkv(tree: Any) -> Any:
+    """``tree`` with each self-attention's float32 ``query``, ``key`` and ``value`` (all with bias) replaced by
+    one ``qkv`` Dense ([in, 3 * out], stacked or not): a decode step then runs one product for the three, 8-10 us
+    less per layer at batch 1 on 2 cores (three [256, 256] products against one [256, 768])."""
+    if not isinstance(tree, dict):
+        return tree
+    parts = [tree.get(name) for name in ("query", "key", "value")]
+    if all(isinstance(p, dict) and set(p) == {"kernel", "bias"} and p["kernel"].dtype == jnp.float32
+           for p in parts):
+        rest = {k: v for k, v in tree.items() if k not in ("query", "key", "value")}
+        return dict(rest, qkv={"kernel": jnp.concatenate([p["kernel"] for p in parts], axis=-1),
+                               "bias": jnp.concatenate([p["bias"] for p in parts], axis=-1)})
+    return {k: fuse_qkv(v) if k != "crossattention" else v for k, v in tree.items()}
+
+
+FUSE_QKV = True  # whether PackedWeights fuses the decoder's self-attention projections (fuse_qkv)
+
+
+def _packed_tree(params: dict, steps: bool, tied_table: bool, fuse: bool) -> dict:
+    # leaf by leaf, outside jit: the leaves not packed stay the very arrays of ``params`` (no copy)
+    tree = pack_kernels(params, False, _once_per_call)
+    if fuse:
+        tree = dict(tree, decoder=fuse_qkv(tree["decoder"]))
+    if steps:
+        tree = dict(tree, decoder=pack_kernels(tree["decoder"], tied_table))
+    return tree
+
+
+class PackedWeights:
+    """An encoder-decoder's float32 weights packed for the CPU kernels once, not on every generate call.
+
+    ``get(params, steps, tied_table)`` returns ``params`` with the products that run once per call (the
+    encoder's, the cross-attention keys and values) packed, the decoder's self-attention projections fused
+    (``fuse_qkv``, unless ``FUSE_QKV`` is off) and, with ``steps``, the decoder's products packed too, as
+    ``pack_kernels`` lays them out. The packed trees are kept while ``params`` holds the same leaves (checked on
+    every call, so a tree edited in place is packed again). They cost a second copy of the weights they cover.
+    """
+
+    def __init__(self) -> None:
+        self._leaves: Optional[list] = None
+        self._trees: dict = {}
+
+    def clear(self) -> None:
+        """Drops the packed copies (and the references to the params they came from)."""
+        self._leaves, self._trees = None, {}
+
+    def get(self, params: dict, steps: bool, tied_table: bool) -> dict:
+        leaves = jax.tree_util.tree_leaves(params)
+        if self._leaves is None or len(leaves) != len(self._leaves) or any(
+                a is not b for a, b in zip(leaves, self._leaves)):
+            self.clear()
+            self._leaves = leaves
+        key = (steps, tied_table, FUSE_QKV)
+        if key not in self._trees:
+            # the steps' tree reuses the other's packed leaves when it has them (one copy of the encoder's)
+            base = self._trees.get((not steps, tied_table, FUSE_QKV), params) if steps else params
+            self._trees[key] = _packed_tree(base, steps, tied_table, FUSE_QKV)
+        return self._trees[key]
+
+
+def packed_dense(x: jax.Array, wp: jax.Array, b: jax.Array, n: int, activation: Optional[Callable] = None,
+                 heads: int = 0) -> jax.Array:
+    """``activation(x @ w + b)`` [..., n] from w packed by ``pack_kernel`` / ``pack_table``; with ``heads``, x
+    [B, S, in] gives [B, heads, S, n / heads] (head-major, written so by the product). Inference only."""
     code = 0 if activation is None else getattr(activation, "kernel_code", None)
 
     def xla(x, wp, b):
         y = jnp.einsum("...k,pkj->...pj", x, wp).reshape(*x.shape[:-1], -1)[..., :n] + b
-        return y if activation is None else activation(y)
+        y = y if activation is None else activation(y)
+        return y.reshape(*y.shape[:2], heads, -1).transpose(0, 2, 1, 3) if heads else y
     if code is None or not (x.dtype == wp.dtype == b.dtype == jnp.float32 and wp.shape[-1] == _PANEL
-                            and _usable(x, wp[0], _NO_LIMIT)):
+                            and _usable(x, wp[0], _NO_LIMIT)) or (heads and (x.ndim != 3 or n % heads
+                                                                             or (n // heads) % _PANEL)):
         return xla(x, wp, b)
-    cpu = lambda x, wp, b: _call("bertgen_gemm_packed", x, (wp, b), n, act=np.int64(code))
+    if heads:
+        shape = jax.ShapeDtypeStruct((x.shape[0], heads, x.shape[1], n // heads), jnp.float32)
+        cpu = lambda x, wp, b: jax.ffi.ffi_call("bertgen_gemm_packed", shape, vmap_method="sequential")(
+            x.reshape(-1, x.shape[-1]), wp, b, act=np.int64(code))
+    else:
+        cpu = lambda x, wp, b: _call("bertgen_gemm_packed", x, (wp, b), n, act=np.int64(code))
     return jax.lax.platform_dependent(x, wp, b, cpu=cpu, default=xla)
 
 

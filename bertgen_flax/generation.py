@@ -344,7 +344,8 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
                      rng: Optional[jax.Array] = None, seed: Optional[int] = None, return_scores: bool = False,
                      max_positions: Optional[int] = None, source_limit: Optional[int] = None,
                      mesh: Optional[jax.sharding.Mesh] = None, unroll_decoder: bool = True,
-                     packing_buckets: Optional[int] = None):
+                     packing_buckets: Optional[int] = None,
+                     packed_weights: Optional[cpu_kernels.PackedWeights] = None):
     """The pure functional entry point: (module, params, inputs, config) -> sequences [B * R, length].
 
     The encoder runs on the real source tokens only (``_packing``), their count rounded up to one of
@@ -356,6 +357,9 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
 
     With ``mesh`` (axes ``data`` and optionally ``model``) the batch is split over ``data`` and ``params`` should
     come from ``shard_params``; outputs equal the single-device ones.
+
+    ``packed_weights`` (a ``cpu_kernels.PackedWeights`` kept with the params) packs the float32 weights for the
+    CPU kernels once instead of on every call; the same tokens.
     """
     _check_mesh(mesh)
     input_ids = np.asarray(input_ids, np.int32)
@@ -377,6 +381,9 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
     prompt = _pad_rows(prompt, bb, prompt[0, 0] if prompt.size else 0)
     program = _seq2seq_program(module, spec, bb, sb, return_scores, encoder_rows(bb, sb) if mesh is None else bb,
                                unroll_decoder)
+    if packed_weights is not None and mesh is None and module.dtype == jnp.float32 and cpu_kernels.packs_weights():
+        steps = unroll_decoder and cpu_kernels.packing_pays(bb * _expand(spec))
+        params = packed_weights.get(params, steps, module.config.decoder.tie_word_embeddings)
     # by default on the CPU only: elsewhere each packed size is another compile of seconds, for a smaller gain
     default = PACKING_BUCKETS if jax.default_backend() == "cpu" else 0
     buckets = default if packing_buckets is None else packing_buckets

@@ -143,10 +143,12 @@ class Dense(nn.Module):
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
-        if self.has_variable("params", "pkernel"):  # packed for a generate call's steps (cpu_kernels.pack_for_steps)
+        if self.has_variable("params", "pkernel"):  # packed for generation (cpu_kernels.pack_kernels)
             y = cpu_kernels.packed_dense(x.astype(self.dtype), self.get_variable("params", "pkernel"),
                                          jnp.zeros((self.features,), self.dtype) if bias is None else bias,
-                                         self.features, activation)
+                                         self.features, activation, heads)
+            if heads:
+                return y                                                           # [B, N, S, D]
             activation = None
         elif not self.has_variable("params", "qkernel"):
             kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
@@ -214,10 +216,24 @@ def _dense(features: int, config: BertGenerationConfig, dtype: Dtype, param_dtyp
                  kernel_init=nn.initializers.normal(config.initializer_range))
 
 
-def _layer_norm(config: BertGenerationConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    # two-pass variance, as torch computes it (flax's fast E[x^2] - E[x]^2 loses digits on large activations)
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name,
-                        use_fast_variance=False)
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis of x (or of x + residual), with ``nn.LayerNorm``'s params (``scale``,
+    ``bias``) and torch's two-pass variance (flax's fast E[x^2] - E[x]^2 loses digits on large activations). On
+    the CPU, float32, one kernel per call with the residual add in it (``cpu_kernels.layer_norm``)."""
+    epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, residual: Optional[Array] = None) -> Array:
+        n = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (n,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (n,), self.param_dtype)
+        return cpu_kernels.layer_norm(x, residual, scale, bias, self.epsilon, self.dtype)
+
+
+def _layer_norm(config: BertGenerationConfig, dtype: Dtype, param_dtype: Dtype, name: str) -> LayerNorm:
+    return LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class Embeddings(nn.Module):
@@ -262,6 +278,8 @@ class AttentionProjections(nn.Module):
         self.query = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "query")
         self.key = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "key")
         self.value = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "value")
+        # the three as one product [in, 3 * out], when generation fused them (cpu_kernels.fuse_qkv); no params else
+        self.qkv = _dense(3 * cfg.hidden_size, cfg, self.dtype, self.param_dtype, "qkv")
         if self.relative:
             self.distance_embedding = nn.Embed(2 * cfg.max_position_embeddings - 1, cfg.head_dim,
                                                embedding_init=nn.initializers.normal(cfg.initializer_range),
@@ -274,6 +292,18 @@ class AttentionProjections(nn.Module):
     def queries(self, x: Array) -> Array:
         """Projected queries, split into heads."""
         return self.split_heads(self.query(x))
+
+    @property
+    def fused(self) -> bool:
+        """Whether the params hold query, key and value as one ``qkv`` kernel (``cpu_kernels.fuse_qkv``)."""
+        return "qkv" in self.variables.get("params", {})
+
+    def queries_keys_values(self, x: Array) -> tuple[Array, Array, Array]:
+        """From the fused ``qkv`` kernel: queries [B, T, N, D], keys and values [B, N, T, D]."""
+        h = self.config.hidden_size
+        y = self.qkv(x)                                                          # [B, T, 3H]
+        k, v = (self.split_heads(y[..., i * h:(i + 1) * h]).transpose(0, 2, 1, 3) for i in (1, 2))
+        return self.split_heads(y[..., :h]), k, v
 
     def keys_values(self, x: Array) -> tuple[Array, Array]:
         """Keys and values head-major, [B, N, S, D]: the layout the cache stores and the einsums read."""
@@ -298,7 +328,7 @@ class DenseResidualNorm(nn.Module):
         cfg = self.config
         x = _dense(cfg.hidden_size, cfg, self.dtype, self.param_dtype, "dense")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
-        return _layer_norm(cfg, self.dtype, self.param_dtype, "LayerNorm")(x + residual)
+        return _layer_norm(cfg, self.dtype, self.param_dtype, "LayerNorm")(x, residual)
 
 
 def _attention_scores(q: Array, k: Array) -> Array:
@@ -358,7 +388,11 @@ class Attention(nn.Module):
         if kv_only:  # cross-attention when decoding: only write the keys/values of kv_states into the cache
             self._cross_keys_values(proj, kv_states)
             return x, None
-        q = proj.queries(x)                                                      # [B, T, N, D]
+        fused = not self.cross and packing is None and proj.fused
+        if fused:  # one product for the three (a decode step's three smallest)
+            q, k, v = proj.queries_keys_values(x)
+        else:
+            q = proj.queries(x)                                                  # [B, T, N, D]
         b, t = x.shape[:2]
         if packing is not None:  # x holds real tokens only, [1, T_real, H]: attention runs in the padded layout
             b, t = packing.unpack.shape                                          # [B, S]
@@ -373,7 +407,8 @@ class Attention(nn.Module):
             k, v = (unpad(proj.split_heads(f(x))).transpose(0, 2, 1, 3) for f in (proj.key, proj.value))
             key_positions = jnp.arange(t)
         else:
-            k, v = proj.keys_values(x)
+            if not fused:
+                k, v = proj.keys_values(x)
             if self.decode:
                 k, v = self._update_cache(k, v, offset)                         # [B, N, S_max, D]
             key_positions = jnp.arange(k.shape[2])

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoints, convert, quantization
+from . import checkpoints, convert, cpu_kernels, quantization
 from .fileio import write_dir_atomically
 from .config import (GENERATION_CONFIG_NAME, BertGenerationConfig, ConfigError, EncoderDecoderConfig,
                      load_config, read_json)
@@ -109,7 +109,19 @@ class PretrainedModel:
         self.generation_config = dict(generation_config or {})
         self.quantization: Optional[str] = None  # "int8" / "int4" once ``quantize`` has run
         self._jitted: dict = {}
+        self._packed = cpu_kernels.PackedWeights()  # generate's packed weights on the CPU (see ``params``)
         self.params = self.init_params(jax.random.PRNGKey(seed)) if params is None else params
+
+    @property
+    def params(self) -> Any:
+        """The parameter tree. Assigning a new tree drops what was derived from the old one (the weights packed
+        for the CPU kernels); a tree edited in place is noticed too, on the next generate call."""
+        return self._params
+
+    @params.setter
+    def params(self, value: Any) -> None:
+        self._params = value
+        self._packed.clear()
 
     # ---- construction -------------------------------------------------------------------------------------
     def _make_module(self, scan_layers: bool):
@@ -694,7 +706,7 @@ class EncoderDecoderModel(PretrainedModel):
                                 decoder_input_ids=prompt, rng=rng, seed=seed, return_scores=return_scores,
                                 max_positions=dec.max_position_embeddings,
                                 source_limit=enc.max_position_embeddings, mesh=mesh, unroll_decoder=unroll_decoder,
-                                packing_buckets=packing_buckets)
+                                packing_buckets=packing_buckets, packed_weights=self._packed)
 
     def encode(self, input_ids: Any, attention_mask: Any = None) -> StackOutput:
         """Encoder states of the source (``last_hidden_state`` [B, S, H])."""

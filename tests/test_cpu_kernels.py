@@ -396,7 +396,7 @@ def test_beam_search_fuses_its_candidates_unless_a_processor_needs_the_scores(ke
         assert not decoding._only_eos_bans(spec), change
 
 
-# ---- weights packed once per generate call -----------------------------------------------------------------------
+# ---- weights packed beforehand (per generate call, or per model) ---------------------------------------------------
 def test_packed_weights_give_the_products_of_the_weights_as_stored(kernels):
     from bertgen_flax import modeling
     rng = np.random.default_rng(11)
@@ -413,6 +413,15 @@ def test_packed_weights_give_the_products_of_the_weights_as_stored(kernels):
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
     assert "bertgen_gemm_packed" in jax.jit(lambda x, p, b: cpu_kernels.packed_dense(x, p, b, 70)).lower(
         x, packed, b).as_text()
+
+
+@pytest.mark.parametrize("m,k,n", [(300, 64, 40), (1000, 256, 96), (2000, 1024, 64), (70, 48, 33)])
+def test_packed_products_with_more_rows_than_columns_split_the_rows_and_agree(kernels, m, k, n):
+    rng = np.random.default_rng(m + n)
+    x, w, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((m, k), (k, n), (n,)))
+    got = np.asarray(jax.jit(lambda x, w, b: cpu_kernels.packed_dense(x, cpu_kernels.pack_kernel(w), b, n))(x, w, b))
+    want = np.asarray(x, np.float64) @ w + b
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
 
 
 def test_packing_a_decoder_for_its_steps_keeps_its_logits(kernels, tmp_path):
@@ -436,6 +445,138 @@ def test_packing_a_decoder_for_its_steps_keeps_its_logits(kernels, tmp_path):
     assert "bertgen_gemm_packed" in hlo
     want, got = np.asarray(jax.jit(step)(model.params, cache)), np.asarray(jax.jit(step)(packed, cache))
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_packed_products_write_keys_and_values_head_major(kernels):
+    rng = np.random.default_rng(31)
+    panel = cpu_kernels._PANEL
+    heads, dh = 3, panel
+    x = rng.standard_normal((2, 11, 40), np.float32)
+    w, b = rng.standard_normal((40, heads * dh), np.float32), rng.standard_normal(heads * dh).astype(np.float32)
+    fn = jax.jit(lambda x, p, b: cpu_kernels.packed_dense(x, p, b, heads * dh, heads=heads))
+    packed = jax.jit(cpu_kernels.pack_kernel)(w)
+    got = np.asarray(fn(x, packed, b))                                          # [B, N, S, D]
+    want = (np.asarray(x, np.float64) @ w + b).reshape(2, 11, heads, dh).transpose(0, 2, 1, 3)
+    assert got.shape == (2, heads, 11, dh)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    hlo = fn.lower(x, packed, b).as_text()
+    assert "bertgen_gemm_packed" in hlo and "transpose" not in hlo
+
+
+def _generate_inputs(batch: int):
+    rng = np.random.default_rng(batch)
+    ids = rng.integers(5, 90, (batch, 7)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, 5:] = 0
+    return ids, mask
+
+
+def _unpacked_generate(model, ids, mask, **kw) -> np.ndarray:
+    """The pure entry point without a ``PackedWeights``: weights packed inside the call, as before."""
+    from bertgen_flax.generation import seq2seq_generate
+    config = model.generation_defaults().merged(**kw)
+    return np.asarray(seq2seq_generate(model.module, model.params, ids, mask, config,
+                                       max_positions=model.config.decoder.max_position_embeddings))
+
+
+def _kernel_leaves(tree) -> dict:
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if str(path[-1].key) in ("kernel", "pkernel", "pembedding")}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_generate_packs_the_weights_once_per_params_tree_and_keeps_the_tokens(kernels, tmp_path, scan_layers):
+    from conftest import seq2seq_checkpoint
+    import bertgen_flax as bg
+    seq2seq_checkpoint(str(tmp_path / "m"), enc=dict(hidden_size=64, intermediate_size=128),
+                       dec=dict(hidden_size=64, intermediate_size=128))
+    model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "m"), scan_layers=scan_layers)
+    for batch, steps in ((1, False), (12, True)):   # 12 rows: the decoder's steps read packed weights too
+        ids, mask = _generate_inputs(batch)
+        kw = dict(max_new_tokens=6, min_new_tokens=6)
+        first = np.asarray(model.generate(ids, mask, **kw))
+        tree = model._packed._trees[(steps, True, True)]
+        packed = _kernel_leaves(tree)
+        assert all(p.endswith("/pkernel") for p in packed if p.startswith("encoder/"))
+        cross = [p for p in packed if "crossattention" in p and ("/key/" in p or "/value/" in p)]
+        assert cross and all(p.endswith("/pkernel") for p in cross)
+        step = [p for p in packed if p.startswith("decoder/") and "/intermediate/" in p]
+        assert all(p.endswith("/pkernel" if steps else "/kernel") for p in step)
+        assert any(p.endswith("pembedding") for p in packed) == steps
+        own = [p for p in packed if p.startswith("decoder/") and "/attention/self/" in p]
+        assert own and all("/self/qkv/" in p for p in own)                    # one product for q, k and v
+        again = np.asarray(model.generate(ids, mask, **kw))
+        assert model._packed._trees[(steps, True, True)] is tree                 # packed once, not per call
+        unpacked = _unpacked_generate(model, ids, mask, **kw)
+        np.testing.assert_array_equal(first, unpacked)
+        np.testing.assert_array_equal(again, unpacked)
+    if not scan_layers:  # the steps' tree shares the encoder's packed copy with the batch-1 tree
+        a, b = (_kernel_leaves(model._packed._trees[(s, True, True)]) for s in (False, True))
+        key = "encoder/encoder/layer_0/intermediate/dense/pkernel"
+        assert a[key] is b[key]
+
+
+def test_a_params_tree_edited_in_place_or_replaced_is_packed_again(kernels, tmp_path):
+    from conftest import seq2seq_checkpoint
+    import bertgen_flax as bg
+    seq2seq_checkpoint(str(tmp_path / "m"), enc=dict(hidden_size=64, intermediate_size=128),
+                       dec=dict(hidden_size=64, intermediate_size=128))
+    model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "m"), scan_layers=False)
+    ids, mask = _generate_inputs(1)
+    kw = dict(max_new_tokens=5, min_new_tokens=5)
+    before = np.asarray(model.generate(ids, mask, **kw))
+    ffn = model.params["encoder"]["encoder"]["layer_0"]["intermediate"]["dense"]
+    ffn["kernel"] = ffn["kernel"] * 3.0                                          # edited in place
+    edited = np.asarray(model.generate(ids, mask, **kw))
+    np.testing.assert_array_equal(edited, _unpacked_generate(model, ids, mask, **kw))
+    assert not np.array_equal(edited, before)   # the edit changes the tokens, so a stale copy would be caught
+    replaced = jax.tree_util.tree_map(lambda x: x * 0.5, model.params)
+    model.params = replaced
+    assert model._packed._trees == {}                                            # dropped on assignment
+    np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, **kw)),
+                                  _unpacked_generate(model, ids, mask, **kw))
+
+
+# ---- LayerNorm ----------------------------------------------------------------------------------------------
+def _flax_layer_norm(x, scale, bias, eps):
+    import flax.linen as nn
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False).apply({"params": {"scale": scale, "bias": bias}}, x)
+
+
+@pytest.mark.parametrize("shape", [(1, 256), (3, 7, 100), (64, 1024), (5, 1), (2048, 256)])
+def test_layer_norm_of_a_residual_sum_agrees_with_flax_two_pass_layer_norm(kernels, shape):
+    rng = np.random.default_rng(shape[-1])
+    x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
+    r = rng.standard_normal(shape).astype(np.float32)
+    g, b = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
+    want = np.asarray(_flax_layer_norm(x + r, g, b, 1e-12), np.float64)
+    with_residual = jax.jit(lambda x, r, g, b: cpu_kernels.layer_norm(x, r, g, b, 1e-12))
+    alone = jax.jit(lambda x, g, b: cpu_kernels.layer_norm(x, None, g, b, 1e-12))
+    for got in (with_residual(x, r, g, b), alone(x + r, g, b)):
+        assert got.shape == shape and got.dtype == jnp.float32
+        assert np.abs(np.asarray(got) - want).max() <= 1e-6 * max(1.0, np.abs(want).max())
+    assert "bertgen_add_layer_norm" in with_residual.lower(x, r, g, b).as_text()
+    assert "bertgen_layer_norm" in alone.lower(x + r, g, b).as_text()
+
+
+def test_layer_norm_is_differentiated_as_flax_layer_norm(kernels):
+    rng = np.random.default_rng(3)
+    args = [rng.standard_normal(s).astype(np.float32) for s in ((4, 32), (4, 32), (32,), (32,))]
+    ours = lambda x, r, g, b: (cpu_kernels.layer_norm(x, r, g, b, 1e-5) ** 3).sum()
+    ref = lambda x, r, g, b: (_flax_layer_norm(x + r, g, b, 1e-5) ** 3).sum()
+    for a, b in zip(jax.grad(ours, argnums=(0, 1, 2, 3))(*args), jax.grad(ref, argnums=(0, 1, 2, 3))(*args)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_names_what_it_expects_when_shapes_mismatch(kernels):
+    norm = jax.ffi.ffi_call("bertgen_add_layer_norm", jax.ShapeDtypeStruct((2, 4), jnp.float32))
+    with pytest.raises(Exception, match=r"bertgen_add_layer_norm: expects x and residual of one shape"):
+        jax.block_until_ready(jax.jit(lambda *a: norm(*a, eps=np.float32(1e-5)))(
+            jnp.ones((2, 4)), jnp.ones((2, 3)), jnp.ones(4), jnp.ones(4)))
+    plain = jax.ffi.ffi_call("bertgen_layer_norm", jax.ShapeDtypeStruct((2, 4), jnp.float32))
+    with pytest.raises(Exception, match=r"bertgen_layer_norm: expects x \[M, N\] with N > 0, scale \[N\]"):
+        jax.block_until_ready(jax.jit(lambda *a: plain(*a, eps=np.float32(1e-5)))(
+            jnp.ones((2, 4)), jnp.ones(3), jnp.ones(4)))
 
 
 def test_the_new_kernels_name_what_they_expect_when_shapes_mismatch(kernels):

@@ -15,12 +15,13 @@
 //   bertgen_gemm_nn_i8/i4  the same for int8 / packed int4 weights, widened while packed
 //   bertgen_gemm_nt_i8     y[M, N] = x[M, K] @ q[N, K]^T      an int8 table, 9 rows and up
 //   bertgen_gemm_nn_bias   y = act(x @ w + b)                 y [M, N] or head-major [M / S, N / D, S, D]
-//   bertgen_gemm_packed    y = act(x @ w + b)                 w packed once per generate call (bertgen_pack_panels)
+//   bertgen_gemm_packed    y = act(x @ w + b)                 w packed beforehand (bertgen_pack_panels)
 //   bertgen_pack_panels    w [K, N] or [N, K] -> [P, K, panel width]
 //   bertgen_attend_one     attention of G queries per row over its keys and values (decode steps, the encoder)
 //   bertgen_reorder_rows   beam search's cache reorder, in place, over the written positions
 //   bertgen_argmax_rows    the first maximum of each row of the logits
 //   bertgen_beam_candidates  beam search's log-softmax, running scores and top-C candidates in one pass per row
+//   bertgen_layer_norm / bertgen_add_layer_norm  LayerNorm of x (or of x + residual) per row
 //
 // The integer forms are those of quantization.py; weights are widened in registers, so a step reads 1 (int8) or
 // 1/2 (int4) byte per weight instead of 4. Products accumulate over k in order, with fused multiply-adds, in
@@ -800,38 +801,58 @@ ffi::Error GemmNNBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 }
 
 // y[M, N] = act(x[M, K] @ w + bias) with w given already packed: wp [P, K, kNr], panel q holding columns
-// q * kNr .. q * kNr + kNr - 1 (zero past N), i.e. B as gemm_range packs it, but once per generate call instead of
-// once per product. A decode step then reads each weight where it lies, with no copy: at batch 32 packing the
-// [256, 256] weights of a step cost about as much as multiplying by them. Each thread takes a range of panels
+// q * kNr .. q * kNr + kNr - 1 (zero past N), i.e. B as gemm_range packs it, but once per model (or per generate
+// call) instead of once per product. A decode step then reads each weight where it lies, with no copy: at batch 32
+// packing the [256, 256] weights of a step cost about as much as multiplying by them, and at 64 rows (an encoder
+// at batch 1) a [256, 1024] product ran in 104 us packed beforehand against 153 us packing its own panels. Each thread takes a range of panels
 // (or, with fewer panels than threads, of rows too), and runs every row block against a panel while it is in cache.
 ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
                       ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t act) {
   auto xd = x.dimensions(), wd = wp.dimensions(), bd = b.dimensions(), yd = y->dimensions();
+  const bool heads = yd.size() == 4;  // y [M / S, N / D, S, D]: keys or values, head-major (as gemm_nn writes them)
   if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] != kNr || xd[1] == 0 || bd.size() != 1 ||
-      yd.size() != 2 || yd[0] != xd[0] || yd[1] != bd[0] || bd[0] > wd[0] * kNr || bd[0] <= (wd[0] - 1) * kNr ||
-      act < 0 || act > 1)
+      bd[0] > wd[0] * kNr || bd[0] <= (wd[0] - 1) * kNr || act < 0 || act > 1 ||
+      (heads ? yd[0] * yd[2] != xd[0] || yd[1] * yd[3] != bd[0] || yd[3] % kNr != 0
+             : yd.size() != 2 || yd[0] != xd[0] || yd[1] != bd[0]))
     return ffi::Error::InvalidArgument(
         "bertgen_gemm_packed: expects x [M, K], packed w [P, K, panel width of this build], bias [N] with "
-        "(P - 1) * width < N <= P * width, y [M, N], act 0 or 1");
+        "(P - 1) * width < N <= P * width, y [M, N] (or y [M / S, N / D, S, D] with D a multiple of the panel "
+        "width), act 0 or 1");
   const int64_t M = xd[0], K = xd[1], P = wd[0], N = bd[0];
   Out out{y->typed_data(), N};
+  if (heads) out.seq = yd[2], out.dh = yd[3], out.heads = yd[1];
   out.bias = b.typed_data();
   out.act = act;
   const float* xp = x.typed_data();
   const float* w = wp.typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t ranges = threads > 1 ? 4 * threads : 1, blocks = (M + kMr - 1) / kMr;
-  const int64_t pt = std::min(P, ranges), rt = std::min(blocks, (ranges + pt - 1) / pt);
-  parallel_for(pool, pt * rt, [&](int64_t t) {
-    const int64_t tp = t % pt, tr = t / pt;
-    const int64_t r0 = blocks * tr / rt * kMr, r1 = std::min(M, blocks * (tr + 1) / rt * kMr);
+  // Rows r0..r1 against panels q0..q1: each panel runs every row block while it is in cache.
+  auto run = [&](int64_t r0, int64_t r1, int64_t q0, int64_t q1) {
     const int64_t nb = (r1 - r0 + kMr - 1) / kMr;
-    for (int64_t q = P * tp / pt; q < P * (tp + 1) / pt; ++q)
+    for (int64_t q = q0; q < q1; ++q)
       for (int64_t blk = 0; blk < nb; ++blk) {
         const int64_t i = r0 + (r1 - r0) * blk / nb;
         const int rows = static_cast<int>(r0 + (r1 - r0) * (blk + 1) / nb - i);
         block_rows_any<kMr>(xp + i * K, K, w + q * K * kNr, K, kNr, rows, out, i, q * kNr, N, false, true);
       }
+  };
+  const int64_t blocks = (M + kMr - 1) / kMr;
+  if (M > N) {
+    // More rows than columns (an encoder's or the cross keys' product over a batch's tokens): split the rows, as
+    // gemm() does, in chunks whose rows of x fit in L2 (~512 KB) while every panel passes over them. Split by
+    // panels instead, each thread read all of x once per panel: 8.5% slower generation at batch 128.
+    const int64_t fits = std::max<int64_t>(1, (512 << 10) / (4 * K * kMr));   // row blocks per chunk
+    const int64_t share = (blocks + 4 * threads - 1) / (4 * threads);        // and at least 4 chunks per thread
+    const int64_t chunk = std::max<int64_t>(1, std::min(fits, share)) * kMr;
+    const int64_t tasks = (M + chunk - 1) / chunk;
+    parallel_for(pool, tasks, [&](int64_t t) { run(t * chunk, std::min(M, (t + 1) * chunk), 0, P); });
+    return ffi::Error::Success();
+  }
+  const int64_t ranges = threads > 1 ? 4 * threads : 1;
+  const int64_t pt = std::min(P, ranges), rt = std::min(blocks, (ranges + pt - 1) / pt);
+  parallel_for(pool, pt * rt, [&](int64_t t) {
+    const int64_t tp = t % pt, tr = t / pt;
+    run(blocks * tr / rt * kMr, std::min(M, blocks * (tr + 1) / rt * kMr), P * tp / pt, P * (tp + 1) / pt);
   });
   return ffi::Error::Success();
 }
@@ -1047,6 +1068,71 @@ ffi::Error ArgmaxRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result
   return ffi::Error::Success();
 }
 
+// ---- LayerNorm of a residual sum ------------------------------------------------------------------------------
+// y = (s - mean(s)) / sqrt(var(s) + eps) * scale + bias with s = x + residual (or x), per row of [M, N]; the
+// variance in two passes, as torch computes it. The row is summed while s is written, then read twice more while it
+// sits in L1. XLA ran a LayerNorm as six small thunks (reductions, then elementwise), ~5 us each in a batch-1
+// decode step, three per decoder layer.
+void norm_row(const float* x, const float* r, const float* g, const float* b, float eps, float* y, int64_t N) {
+  vec acc = splat(0.0f);
+  float tail = 0.0f;
+  int64_t j = 0;
+  for (; j + kWidth <= N; j += kWidth) {
+    const vec v = r ? load(x + j) + load(r + j) : load(x + j);
+    store(y + j, v);
+    acc += v;
+  }
+  for (; j < N; ++j) tail += (y[j] = r ? x[j] + r[j] : x[j]);
+  const float mean = (hsum(acc) + tail) / static_cast<float>(N);
+  const vec m = splat(mean);
+  acc = splat(0.0f), tail = 0.0f;
+  for (j = 0; j + kWidth <= N; j += kWidth) {
+    const vec d = load(y + j) - m;
+    acc += d * d;
+  }
+  for (; j < N; ++j) tail += (y[j] - mean) * (y[j] - mean);
+  const float rstd = 1.0f / std::sqrt((hsum(acc) + tail) / static_cast<float>(N) + eps);
+  const vec rs = splat(rstd);
+  for (j = 0; j + kWidth <= N; j += kWidth) store(y + j, (load(y + j) - m) * (rs * load(g + j)) + load(b + j));
+  for (; j < N; ++j) y[j] = (y[j] - mean) * (rstd * g[j]) + b[j];
+}
+
+ffi::Error layer_norm(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, const float* r, ffi::Buffer<ffi::F32>& g,
+                      ffi::Buffer<ffi::F32>& b, ffi::ResultBuffer<ffi::F32>& y, float eps, const char* expects) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || xd[1] == 0 || g.dimensions().size() != 1 || g.dimensions()[0] != xd[1] ||
+      b.dimensions().size() != 1 || b.dimensions()[0] != xd[1] || yd.size() != 2 || yd[0] != xd[0] ||
+      yd[1] != xd[1] || !(eps >= 0.0f))
+    return ffi::Error::InvalidArgument(expects);
+  const int64_t M = xd[0], N = xd[1];
+  const float *xp = x.typed_data(), *gp = g.typed_data(), *bp = b.typed_data();
+  float* yp = y->typed_data();
+  // about 16K values per chunk: a decode step's few rows run on the calling thread alone
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({M, 4 * threads, M * N / 16384}));
+  parallel_for(pool, chunks, [&](int64_t c) {
+    for (int64_t i = M * c / chunks; i < M * (c + 1) / chunks; ++i)
+      norm_row(xp + i * N, r ? r + i * N : nullptr, gp, bp, eps, yp + i * N, N);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> b,
+                     ffi::ResultBuffer<ffi::F32> y, float eps) {
+  return layer_norm(pool, x, nullptr, g, b, y, eps,
+                    "bertgen_layer_norm: expects x [M, N] with N > 0, scale [N], bias [N], y [M, N], eps >= 0");
+}
+
+ffi::Error AddLayerNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> r,
+                        ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, float eps) {
+  if (r.dimensions().size() != 2 || x.dimensions().size() != 2 || r.dimensions()[0] != x.dimensions()[0] ||
+      r.dimensions()[1] != x.dimensions()[1])
+    return ffi::Error::InvalidArgument("bertgen_add_layer_norm: expects x and residual of one shape [M, N]");
+  return layer_norm(pool, x, r.typed_data(), g, b, y, eps,
+                    "bertgen_add_layer_norm: expects x [M, N] with N > 0, residual [M, N], scale [N], bias [N], "
+                    "y [M, N], eps >= 0");
+}
+
 // ---- beam search: the self-attention cache follows the beams' parents ------------------------------------------
 // x[b, :, :length] = x[rows[b], :, :length] for x [B, N, S, D], in place (the output aliases x). Positions from
 // `length` on are not written yet (the step about to run writes position `length`), so they are left as they are,
@@ -1248,6 +1334,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_reorder_rows, ReorderRows,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_packed, GemmPacked, BERTGEN_BIND_BIAS_ACT);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_argmax_rows, ArgmaxRows,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::S32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_layer_norm, LayerNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_add_layer_norm, AddLayerNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_beam_candidates, BeamCandidates,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
