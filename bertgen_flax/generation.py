@@ -334,7 +334,7 @@ def _greedy_lengths(spec: SearchSpec, sequences: np.ndarray) -> np.ndarray:
     p = spec.prompt_length
     if not spec.eos_ids:
         return np.full(len(sequences), spec.max_length)
-    is_eos = np.isin(sequences[:, p:], spec.eos_ids)
+    is_eos = (sequences[:, p:, None] == np.asarray(spec.eos_ids)).any(axis=-1)  # (np.isin: 10x the time here)
     first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, spec.max_length - p)
     return p + first
 

@@ -682,7 +682,7 @@ class EncoderDecoderModel(PretrainedModel):
     def generate(self, input_ids: Any, attention_mask: Any = None, *, decoder_input_ids: Any = None,
                  seed: Optional[int] = None, rng: Optional[jax.Array] = None, return_scores: bool = False,
                  mesh: Optional[jax.sharding.Mesh] = None, unroll_decoder: bool = True,
-                 packing_buckets: Optional[int] = None, **knobs: Any):
+                 packing_buckets: Optional[int] = None, pack_weights: bool = True, **knobs: Any):
         """Batch generation in one compiled program (``transformers`` ``generate`` semantics).
 
         Returns sequences [batch * num_return_sequences, length] starting with the decoder start token, padded
@@ -693,7 +693,10 @@ class EncoderDecoderModel(PretrainedModel):
         steps, the same tokens. On the CPU the encoder runs on the sources' real tokens only (padding skipped),
         their number rounded up to one of ``packing_buckets`` sizes per batch and source bucket (default
         ``generation.PACKING_BUCKETS``, 16, on the CPU and 0 elsewhere; each size compiles once; 0 runs the
-        padded batch).
+        padded batch). There, too, float32 weights are kept packed for the CPU kernels between calls
+        (``cpu_kernels.PackedWeights``: a second copy of the encoder's, the cross-attention keys' and values' and
+        the decoder's self-attention projections, and of all the decoder's once a call has 9 or more sequences);
+        ``pack_weights=False`` drops that copy and packs per call instead (slower, the same tokens).
         """
         from .generation import seq2seq_generate
         enc, dec = self.config.encoder, self.config.decoder
@@ -702,11 +705,14 @@ class EncoderDecoderModel(PretrainedModel):
             _mask(attention_mask, "attention_mask", ids.shape)
         prompt = _ids(decoder_input_ids, "decoder_input_ids", dec.vocab_size, dec.max_position_embeddings)
         gen = self.generation_defaults().merged(**knobs)
+        if not pack_weights:
+            self._packed.clear()
         return seq2seq_generate(self.module, self._params_for(mesh), ids, attention_mask, gen,
                                 decoder_input_ids=prompt, rng=rng, seed=seed, return_scores=return_scores,
                                 max_positions=dec.max_position_embeddings,
                                 source_limit=enc.max_position_embeddings, mesh=mesh, unroll_decoder=unroll_decoder,
-                                packing_buckets=packing_buckets, packed_weights=self._packed)
+                                packing_buckets=packing_buckets,
+                                packed_weights=self._packed if pack_weights else None)
 
     def encode(self, input_ids: Any, attention_mask: Any = None) -> StackOutput:
         """Encoder states of the source (``last_hidden_state`` [B, S, H])."""

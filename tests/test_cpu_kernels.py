@@ -514,6 +514,9 @@ def test_generate_packs_the_weights_once_per_params_tree_and_keeps_the_tokens(ke
         a, b = (_kernel_leaves(model._packed._trees[(s, True, True)]) for s in (False, True))
         key = "encoder/encoder/layer_0/intermediate/dense/pkernel"
         assert a[key] is b[key]
+    without = np.asarray(model.generate(ids, mask, pack_weights=False, **kw))   # no copy kept, the same tokens
+    assert model._packed._trees == {}
+    np.testing.assert_array_equal(without, unpacked)
 
 
 def test_a_params_tree_edited_in_place_or_replaced_is_packed_again(kernels, tmp_path):
