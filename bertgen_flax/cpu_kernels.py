@@ -501,8 +501,11 @@ def fuse_qkv(tree: Any) -> Any:
 FUSE_QKV = True  # whether PackedWeights fuses the decoder's self-attention projections (fuse_qkv)
 
 
-def _packed_tree(params: dict, steps: bool, tied_table: bool, fuse: bool) -> dict:
+def _packed_tree(params: dict, steps: bool, tied_table: bool, fuse: bool, unstack: bool) -> dict:
     # leaf by leaf, outside jit: the leaves not packed stay the very arrays of ``params`` (no copy)
+    if unstack:  # a scanned model's decoder, its layers sliced out once here instead of in every call
+        from .convert import unstack_layers
+        params = dict(params, decoder=unstack_layers(params["decoder"]))
     tree = pack_kernels(params, False, _once_per_call)
     if fuse:
         tree = dict(tree, decoder=fuse_qkv(tree["decoder"]))
@@ -514,11 +517,13 @@ def _packed_tree(params: dict, steps: bool, tied_table: bool, fuse: bool) -> dic
 class PackedWeights:
     """An encoder-decoder's float32 weights packed for the CPU kernels once, not on every generate call.
 
-    ``get(params, steps, tied_table)`` returns ``params`` with the products that run once per call (the
-    encoder's, the cross-attention keys and values) packed, the decoder's self-attention projections fused
+    ``get(params, steps, tied_table, unstack)`` returns ``params`` with the products that run once per call
+    (the encoder's, the cross-attention keys and values) packed, the decoder's self-attention projections fused
     (``fuse_qkv``, unless ``FUSE_QKV`` is off) and, with ``steps``, the decoder's products packed too, as
-    ``pack_kernels`` lays them out. The packed trees are kept while ``params`` holds the same leaves (checked on
-    every call, so a tree edited in place is packed again). They cost a second copy of the weights they cover.
+    ``pack_kernels`` lays them out. With ``unstack`` (a scanned model whose decode steps run unrolled) the
+    decoder's layers come unstacked (``layer_0`` ...), so calls stop slicing them out of the stack. The packed
+    trees are kept while ``params`` holds the same leaves (checked on every call, so a tree edited in place is
+    packed again). They cost a second copy of the weights they cover.
     """
 
     def __init__(self) -> None:
@@ -529,17 +534,17 @@ class PackedWeights:
         """Drops the packed copies (and the references to the params they came from)."""
         self._leaves, self._trees = None, {}
 
-    def get(self, params: dict, steps: bool, tied_table: bool) -> dict:
+    def get(self, params: dict, steps: bool, tied_table: bool, unstack: bool = False) -> dict:
         leaves = jax.tree_util.tree_leaves(params)
         if self._leaves is None or len(leaves) != len(self._leaves) or any(
                 a is not b for a, b in zip(leaves, self._leaves)):
             self.clear()
             self._leaves = leaves
-        key = (steps, tied_table, FUSE_QKV)
+        key = (steps, tied_table, FUSE_QKV, unstack)
         if key not in self._trees:
             # the steps' tree reuses the other's packed leaves when it has them (one copy of the encoder's)
-            base = self._trees.get((not steps, tied_table, FUSE_QKV), params) if steps else params
-            self._trees[key] = _packed_tree(base, steps, tied_table, FUSE_QKV)
+            base = self._trees.get((not steps, tied_table, FUSE_QKV, unstack), params) if steps else params
+            self._trees[key] = _packed_tree(base, steps, tied_table, FUSE_QKV, unstack)
         return self._trees[key]
 
 

@@ -89,6 +89,11 @@ def _unrolled(module: Any, params: Any) -> tuple[Any, Any]:
     return module.clone(scan_layers=False), unstack_layers(params)
 
 
+def _has_stacked_layers(tree: Any) -> bool:
+    """Whether a params subtree holds layers stacked for ``nn.scan`` (a ``layer`` subtree)."""
+    return isinstance(tree, dict) and any(k == "layer" or _has_stacked_layers(v) for k, v in tree.items())
+
+
 def _in_step_layout(cache: Any, unstack: bool) -> Any:
     """A cache the decoder wrote with its layers as stored, in the layout of the unrolled steps when they differ
     (``unstack``: stacked ``layer`` leaves sliced per layer, a copy of the cache once per call)."""
@@ -160,6 +165,9 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
         else:
             enc = encode((src, src_mask))
         unrolled, dec_params = _unrolled(module, params) if unroll else (module, params)
+        # The decoder's once-per-call passes run as stored, or unrolled when a scanned model's decoder came
+        # unstacked already (PackedWeights).
+        stored = unrolled if unrolled is not module and not _has_stacked_layers(params["decoder"]) else module
         n = batch * copies
         if unroll and cpu_kernels.packing_pays(n):  # the steps' weights in the packed products' layout, once
             dec_params = dict(dec_params, decoder=cpu_kernels.pack_for_steps(
@@ -174,14 +182,14 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
         if prompt.shape[1] == 1:
             # One start token: write the cross-attention keys/values first, then the prompt is a plain step.
             cache = empty_cache(unrolled, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
-            _, primed = module.apply({"params": params}, enc, method=EncoderDecoderModule.prime_cross_attention,
+            _, primed = stored.apply({"params": params}, enc, method=EncoderDecoderModule.prime_cross_attention,
                                      mutable=["cache"])
-            cache = _merge(cache, _in_step_layout(primed["cache"], unrolled is not module))
+            cache = _merge(cache, _in_step_layout(primed["cache"], unrolled is not stored))
             prefill = step
         else:
             # The prompt pass runs the decoder as stored and hands the steps its cache in their layout.
-            cache = empty_cache(module, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
-            prefill = _prefill(lambda cache, tokens: run(module, params, cache, tokens, enc), unrolled is not module)
+            cache = empty_cache(stored, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
+            prefill = _prefill(lambda cache, tokens: run(stored, params, cache, tokens, enc), unrolled is not stored)
         return decoding.generate(spec, prefill, step, reorder_cache, cache,
                                  jnp.repeat(prompt, copies, axis=0), rng, scores=scores)
 
@@ -383,7 +391,8 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
                                unroll_decoder)
     if packed_weights is not None and mesh is None and module.dtype == jnp.float32 and cpu_kernels.packs_weights():
         steps = unroll_decoder and cpu_kernels.packing_pays(bb * _expand(spec))
-        params = packed_weights.get(params, steps, module.config.decoder.tie_word_embeddings)
+        params = packed_weights.get(params, steps, module.config.decoder.tie_word_embeddings,
+                                    unstack=unroll_decoder and getattr(module, "scan_layers", False))
     # by default on the CPU only: elsewhere each packed size is another compile of seconds, for a smaller gain
     default = PACKING_BUCKETS if jax.default_backend() == "cpu" else 0
     buckets = default if packing_buckets is None else packing_buckets

@@ -495,7 +495,7 @@ def test_generate_packs_the_weights_once_per_params_tree_and_keeps_the_tokens(ke
         ids, mask = _generate_inputs(batch)
         kw = dict(max_new_tokens=6, min_new_tokens=6)
         first = np.asarray(model.generate(ids, mask, **kw))
-        tree = model._packed._trees[(steps, True, True)]
+        tree = model._packed._trees[(steps, True, True, scan_layers)]
         packed = _kernel_leaves(tree)
         assert all(p.endswith("/pkernel") for p in packed if p.startswith("encoder/"))
         cross = [p for p in packed if "crossattention" in p and ("/key/" in p or "/value/" in p)]
@@ -505,13 +505,16 @@ def test_generate_packs_the_weights_once_per_params_tree_and_keeps_the_tokens(ke
         assert any(p.endswith("pembedding") for p in packed) == steps
         own = [p for p in packed if p.startswith("decoder/") and "/attention/self/" in p]
         assert own and all("/self/qkv/" in p for p in own)                    # one product for q, k and v
+        # a scanned model's decoder comes unstacked (its steps run unrolled); the encoder stays as stored
+        assert not any(p.startswith("decoder/") and "/layer/" in p for p in packed)
+        assert any(p.startswith("encoder/") and "/layer/" in p for p in packed) == scan_layers
         again = np.asarray(model.generate(ids, mask, **kw))
-        assert model._packed._trees[(steps, True, True)] is tree                 # packed once, not per call
+        assert model._packed._trees[(steps, True, True, scan_layers)] is tree  # packed once, not per call
         unpacked = _unpacked_generate(model, ids, mask, **kw)
         np.testing.assert_array_equal(first, unpacked)
         np.testing.assert_array_equal(again, unpacked)
     if not scan_layers:  # the steps' tree shares the encoder's packed copy with the batch-1 tree
-        a, b = (_kernel_leaves(model._packed._trees[(s, True, True)]) for s in (False, True))
+        a, b = (_kernel_leaves(model._packed._trees[(s, True, True, False)]) for s in (False, True))
         key = "encoder/encoder/layer_0/intermediate/dense/pkernel"
         assert a[key] is b[key]
     without = np.asarray(model.generate(ids, mask, pack_weights=False, **kw))   # no copy kept, the same tokens
