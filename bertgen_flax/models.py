@@ -695,7 +695,8 @@ class EncoderDecoderModel(PretrainedModel):
         ``generation.PACKING_BUCKETS``, 16, on the CPU and 0 elsewhere; each size compiles once; 0 runs the
         padded batch). There, too, float32 weights are kept packed for the CPU kernels between calls
         (``cpu_kernels.PackedWeights``: a second copy of the encoder's, the cross-attention keys' and values' and
-        the decoder's self-attention projections, and of all the decoder's once a call has 9 or more sequences);
+        the decoder's self-attention projections, of all the decoder's once a call has 9 or more sequences, and
+        of a scanned model's decoder unstacked);
         ``pack_weights=False`` drops that copy and packs per call instead (slower, the same tokens).
         """
         from .generation import seq2seq_generate
