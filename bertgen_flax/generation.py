@@ -187,7 +187,7 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
             cache = _merge(cache, _in_step_layout(primed["cache"], unrolled is not stored))
             prefill = step
         else:
-            # The prompt pass runs the decoder as stored and hands the steps its cache in their layout.
+            # The prompt pass runs the decoder as `stored` and hands the steps its cache in their layout.
             cache = empty_cache(stored, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)
             prefill = _prefill(lambda cache, tokens: run(stored, params, cache, tokens, enc), unrolled is not stored)
         return decoding.generate(spec, prefill, step, reorder_cache, cache,
