@@ -397,6 +397,15 @@ def test_beam_search_fuses_its_candidates_unless_a_processor_needs_the_scores(ke
 
 
 # ---- weights packed beforehand (per generate call, or per model) ---------------------------------------------------
+def test_training_products_run_xla_forward_and_backward(kernels):
+    # with the packed kernel as the differentiated forward, the demo's warm-started run stopped learning
+    x, w = jnp.ones((64, 48)), jnp.ones((48, 40))
+    loss = lambda x, w: (cpu_kernels.matmul(x, w) ** 2).sum() + (cpu_kernels.matmul_nt(x, w.T) ** 2).sum()
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    assert "bertgen_" not in hlo
+    assert "bertgen_gemm_nn" in jax.jit(cpu_kernels.matmul).lower(x, w).as_text()   # inference keeps the kernel
+
+
 def test_packed_weights_give_the_products_of_the_weights_as_stored(kernels):
     from bertgen_flax import modeling
     rng = np.random.default_rng(11)
