@@ -804,8 +804,9 @@ ffi::Error GemmNNBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // q * kNr .. q * kNr + kNr - 1 (zero past N), i.e. B as gemm_range packs it, but once per model (or per generate
 // call) instead of once per product. A decode step then reads each weight where it lies, with no copy: at batch 32
 // packing the [256, 256] weights of a step cost about as much as multiplying by them, and at 64 rows (an encoder
-// at batch 1) a [256, 1024] product ran in 104 us packed beforehand against 153 us packing its own panels. Each thread takes a range of panels
-// (or, with fewer panels than threads, of rows too), and runs every row block against a panel while it is in cache.
+// at batch 1) a [256, 1024] product ran in 104 us packed beforehand against 153 us packing its own panels. With
+// more rows than columns each thread takes chunks of rows, else a range of panels (and, with fewer panels than
+// threads, of rows too); either way every row block runs against a panel while it is in cache.
 ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
                       ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t act) {
   auto xd = x.dimensions(), wd = wp.dimensions(), bd = b.dimensions(), yd = y->dimensions();
@@ -1079,8 +1080,8 @@ ffi::Error ArgmaxRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result
 // ---- LayerNorm of a residual sum ------------------------------------------------------------------------------
 // y = (s - mean(s)) / sqrt(var(s) + eps) * scale + bias with s = x + residual (or x), per row of [M, N]; the
 // variance in two passes, as torch computes it. The row is summed while s is written, then read twice more while it
-// sits in L1. XLA ran a LayerNorm as six small thunks (reductions, then elementwise), ~5 us each in a batch-1
-// decode step, three per decoder layer.
+// sits in L1. XLA ran a LayerNorm as six small thunks (reductions, then elementwise); as one kernel, generation ran
+// 2% faster at batch 32 and 128 (paired A/Bs; at batch 1, 0.3% over 32 new tokens).
 void norm_row(const float* x, const float* r, const float* g, const float* b, float eps, float* y, int64_t N) {
   vec acc = splat(0.0f);
   float tail = 0.0f;
