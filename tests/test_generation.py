@@ -459,3 +459,41 @@ def test_the_compilation_cache_is_written_and_reused_by_a_second_process(seq2seq
     first, second = runs
     assert first["files"] and second["files"] == first["files"]  # the second process compiled nothing new
     assert first["out"] == second["out"]
+
+
+X64_SCRIPT = r"""
+import json, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import bertgen_flax as bg
+seq2seq = bg.EncoderDecoderModel.from_pretrained(sys.argv[1])
+decoder = bg.BertGenerationDecoder.from_pretrained(sys.argv[2])
+ids, mask = np.array(json.loads(sys.argv[3])), np.array(json.loads(sys.argv[4]))
+out = {name: np.asarray(seq2seq.generate(ids, mask, **kw)).tolist() for name, kw in json.loads(sys.argv[5]).items()}
+out["decoder"] = np.asarray(decoder.generate(ids[:, :5], max_new_tokens=6)).tolist()
+print(json.dumps(out))
+"""
+
+
+def test_generation_works_with_jax_enable_x64(seq2seq, decoder, tmp_path):
+    """A process that turns on 64-bit JAX types generates the same tokens (index types stay consistent)."""
+    import json
+    import subprocess
+    import sys
+    (ref, ours), (dec_ref, dec_ours) = seq2seq, decoder
+    ours.save_pretrained(str(tmp_path / "s2s"))
+    dec_ours.save_pretrained(str(tmp_path / "dec"))
+    ids, mask = _source()
+    cases = {"greedy": dict(max_new_tokens=12), "beam3": SEQ2SEQ_CASES["beam3"],
+             "sample": dict(max_new_tokens=12, do_sample=True, top_k=5, seed=3)}
+    proc = subprocess.run([sys.executable, "-c", X64_SCRIPT, str(tmp_path / "s2s"), str(tmp_path / "dec"),
+                           json.dumps(ids.tolist()), json.dumps(mask.tolist()), json.dumps(cases)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("greedy", "beam3"):
+        _assert_same(_reference(ref, ids, mask, **cases[name]), got[name])
+    _assert_same(np.asarray(ours.generate(ids, mask, **cases["sample"])), got["sample"])
+    _assert_same(_reference(dec_ref, ids[:, :5], np.ones_like(ids[:, :5]), max_new_tokens=6, do_sample=False),
+                 got["decoder"])
