@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "directory and check that transformers generates the same tokens. Exits 1 if "
                                    "transformers disagrees.")
     d.add_argument("--out", default="out/demo", help="output folder (a previous demo's folder is replaced)")
-    d.add_argument("--steps", type=int, default=240, help="training steps (default 240)")
+    d.add_argument("--steps", type=int, default=320, help="training steps (default 320)")
     d.add_argument("--eval-examples", type=int, default=200, help="held-out examples to evaluate (default 200)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bar")

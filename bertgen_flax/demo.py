@@ -28,7 +28,11 @@ def demo_config(out_dir: str, steps: int, eval_examples: int, seed: int = 0) -> 
                  "synthetic_seed": seed, "max_source_length": 32, "max_target_length": 24, "batch_size": 32,
                  "bucket_boundaries": [24], "target_bucket_boundaries": [24],  # one shape: one compilation
                  "eval_batch_size": 64, "seed": seed},
-        "optim": {"name": "adamw", "learning_rate": 5e-4, "schedule": "linear", "warmup_steps": max(steps // 10, 1),
+        # 3e-4 over 320 steps, not 5e-4 over 240: at 5e-4 the decoder sometimes settled on ignoring the source
+        # (eval loss ~2, exact match 0%) and float32 rounding alone (another product kernel, or seed) decided whether
+        # it did; at 3e-4 the loss falls steadily from the start under every variant tried (BENCHMARKS.md,
+        # 2026-12-07), and the extra steps make up the slower rate
+        "optim": {"name": "adamw", "learning_rate": 3e-4, "schedule": "linear", "warmup_steps": max(steps // 10, 1),
                   "weight_decay": 0.01},
         "run": {"output_dir": out_dir, "steps": steps, "log_every": 10, "eval_every": 0,
                 "save_every": max(steps // 2, 1), "seed": seed},
@@ -82,7 +86,7 @@ def _start_fresh(out_dir: str) -> None:
     shutil.rmtree(out_dir)
 
 
-def run_demo(out_dir: str = "out/demo", steps: int = 240, eval_examples: int = 200, seed: int = 0,
+def run_demo(out_dir: str = "out/demo", steps: int = 320, eval_examples: int = 200, seed: int = 0,
              progress: bool = True) -> dict:
     """Runs the demo and returns its numbers (exact match, BLEU, ROUGE, whether transformers agreed)."""
     from .models import EncoderDecoderModel
