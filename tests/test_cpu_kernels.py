@@ -398,7 +398,7 @@ def test_beam_search_fuses_its_candidates_unless_a_processor_needs_the_scores(ke
 
 # ---- weights packed beforehand (per generate call, or per model) ---------------------------------------------------
 def test_training_products_run_xla_forward_and_backward(kernels):
-    # with the packed kernel as the differentiated forward, the demo's warm-started run stopped learning
+    # a training step runs XLA's products forward and backward (the kernel forward measured neutral there)
     x, w = jnp.ones((64, 48)), jnp.ones((48, 40))
     loss = lambda x, w: (cpu_kernels.matmul(x, w) ** 2).sum() + (cpu_kernels.matmul_nt(x, w.T) ** 2).sum()
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
