@@ -485,7 +485,7 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
         improvable = s["improvable"] & jnp.any(best_running > worst_finished, axis=-1, keepdims=True)
         open_beam = ~(jnp.all(finished) & (spec.early_stopping is True))
         stop = ~(jnp.any(improvable) & open_beam & ~jnp.all(hits))
-        src_rows = (beam_parent + jnp.arange(b, dtype=jnp.int32)[:, None] * k).reshape(n).astype(jnp.int32)
+        src_rows = (beam_parent + jnp.arange(b)[:, None] * k).reshape(n).astype(jnp.int32)  # the carry's type
         return dict(s, cur_len=cur_len, running=running, running_scores=running_scores, sequences=sequences,
                     beam_scores=beam_scores, finished=finished, improvable=improvable, stop=stop, gen_len=gen_len,
                     running_gen_len=running_gen_len, rng=rng, src_rows=src_rows)

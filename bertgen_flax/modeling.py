@@ -466,11 +466,11 @@ class Attention(nn.Module):
         """Writes this chunk's keys/values at ``offset`` into the preallocated cache and returns the whole cache."""
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-        zero = jnp.zeros((), jnp.asarray(offset).dtype)  # one index type, also under jax_enable_x64
-        start = (zero, zero, offset, zero)
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype),
-                                                          start)
+        # the _in_dim form gives the other axes' start indices offset's own type (also under jax_enable_x64)
+        cached_key.value = jax.lax.dynamic_update_slice_in_dim(cached_key.value, k.astype(cached_key.value.dtype),
+                                                               offset, axis=2)
+        cached_value.value = jax.lax.dynamic_update_slice_in_dim(cached_value.value,
+                                                                 v.astype(cached_value.value.dtype), offset, axis=2)
         return cached_key.value, cached_value.value
 
     def _cross_keys_values(self, proj: AttentionProjections, kv_states: Optional[Array]) -> tuple[Array, Array]:

@@ -396,7 +396,6 @@ def test_beam_search_fuses_its_candidates_unless_a_processor_needs_the_scores(ke
         assert not decoding._only_eos_bans(spec), change
 
 
-# ---- weights packed beforehand (per generate call, or per model) ---------------------------------------------------
 def test_training_products_run_xla_forward_and_backward(kernels):
     # a training step runs XLA's products forward and backward (the kernel forward measured neutral there)
     x, w = jnp.ones((64, 48)), jnp.ones((48, 40))
@@ -406,6 +405,7 @@ def test_training_products_run_xla_forward_and_backward(kernels):
     assert "bertgen_gemm_nn" in jax.jit(cpu_kernels.matmul).lower(x, w).as_text()   # inference keeps the kernel
 
 
+# ---- weights packed beforehand (per generate call, or per model) ---------------------------------------------------
 def test_packed_weights_give_the_products_of_the_weights_as_stored(kernels):
     from bertgen_flax import modeling
     rng = np.random.default_rng(11)
