@@ -585,10 +585,14 @@ class LayerStack(nn.Module):
     """PyTorch's ``encoder``: L layers, scanned (``layer`` with a leading [L] axis) or unrolled (``layer_i``).
 
     ``remat`` (``REMAT_POLICIES``) trades compute for memory in training: the layers' activations are recomputed
-    in the backward pass instead of kept. It changes no parameter and no result."""
+    in the backward pass instead of kept. ``scan_unroll`` layers run per iteration of the scan; from the layer
+    count on, the scan is unrolled completely while the parameters stay stacked (a longer compile; on a CPU a
+    faster training step: no zero-filled stacked buffers, no per-layer slices). Neither changes a parameter or
+    a result."""
     config: BertGenerationConfig
     scan_layers: bool = True
     remat: str = "none"
+    scan_unroll: int = 1
     causal: bool = False
     decode: bool = False
     deterministic: bool = True
@@ -607,12 +611,16 @@ class LayerStack(nn.Module):
         n = self.config.num_hidden_layers
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be >= 1, got {self.scan_unroll}")
+        unrolled = not self.scan_layers or self.scan_unroll > 1
         layer = Layer if self.remat == "none" else nn.remat(Layer, policy=REMAT_POLICIES[self.remat],
-                                                             prevent_cse=not self.scan_layers)
+                                                             prevent_cse=unrolled)
         if self.scan_layers:
             scanned = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                               split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast,) * 5 + (0,), length=n)
+                              in_axes=(nn.broadcast,) * 5 + (0,), length=n,
+                              unroll=True if self.scan_unroll >= n else self.scan_unroll)
             h, (hs, attn, cross) = scanned(name="layer", **kw)(h, mask, offset, encoder_states, encoder_mask,
                                                                  packing, head_mask)
             unstack = lambda x: None if x is None else tuple(x[i] for i in range(n))
@@ -631,6 +639,7 @@ class BertGenerationModule(nn.Module):
     config: BertGenerationConfig
     scan_layers: bool = True
     remat: str = "none"
+    scan_unroll: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -684,7 +693,8 @@ class BertGenerationModule(nn.Module):
                 head_mask = jnp.broadcast_to(head_mask, (cfg.num_hidden_layers, cfg.num_attention_heads))
 
         h = self.embeddings(input_ids, position_ids, inputs_embeds, deterministic=deterministic)  # [B, T, H]
-        stack = LayerStack(cfg, scan_layers=self.scan_layers, remat=self.remat, causal=causal, decode=decode,
+        stack = LayerStack(cfg, scan_layers=self.scan_layers, remat=self.remat, scan_unroll=self.scan_unroll,
+                           causal=causal, decode=decode,
                            deterministic=deterministic, output_attentions=output_attentions,
                            output_hidden_states=output_hidden_states, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="encoder")
@@ -745,13 +755,15 @@ class BertGenerationDecoderModule(nn.Module):
     config: BertGenerationConfig
     scan_layers: bool = True
     remat: str = "none"
+    scan_unroll: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
         """The stack (named ``bert``, as in PyTorch) and the LM head."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.bert = BertGenerationModule(self.config, scan_layers=self.scan_layers, remat=self.remat, **kw)
+        self.bert = BertGenerationModule(self.config, scan_layers=self.scan_layers, remat=self.remat,
+                                         scan_unroll=self.scan_unroll, **kw)
         self.lm_head = LMHead(self.config, **kw)
 
     def __call__(self, input_ids: Optional[Array] = None, attention_mask: Optional[Array] = None,
@@ -781,13 +793,14 @@ class EncoderDecoderModule(nn.Module):
     config: EncoderDecoderConfig
     scan_layers: bool = True
     remat: str = "none"
+    scan_unroll: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
         """Encoder (absent when tied), optional enc_to_dec_proj, and the decoder."""
-        cfg, kw = self.config, dict(scan_layers=self.scan_layers, remat=self.remat, dtype=self.dtype,
-                                    param_dtype=self.param_dtype)
+        cfg, kw = self.config, dict(scan_layers=self.scan_layers, remat=self.remat, scan_unroll=self.scan_unroll,
+                                    dtype=self.dtype, param_dtype=self.param_dtype)
         self.decoder = BertGenerationDecoderModule(cfg.decoder, **kw)
         if not cfg.tie_encoder_decoder:
             self.encoder = BertGenerationModule(cfg.encoder, **kw)

@@ -96,6 +96,15 @@ def seq2seq_logits(module: EncoderDecoderModule, params: Any, batch: Mapping[str
     return out.logits
 
 
+def resolve_scan_unroll(setting: Any, layers: int, backend: Optional[str] = None) -> int:
+    """``model.scan_unroll`` as the modules take it: ``"auto"`` is every layer on a CPU (XLA:CPU's scan zero-fills,
+    copies and slices the stacked activations: a 7% slower step at 4+4 layers) and 1 elsewhere (one compiled layer
+    however deep the model); ``"all"`` is every layer; a number is that many layers per iteration."""
+    if setting == "auto":
+        setting = "all" if (backend or jax.default_backend()) == "cpu" else 1
+    return max(1, layers) if setting == "all" else int(setting)
+
+
 def make_train_step(module: EncoderDecoderModule, tx: optax.GradientTransformation, *,
                     label_smoothing: float = 0.0, mesh: Optional[Mesh] = None,
                     state_shardings: Any = None, schedule: Optional[Callable] = None,
