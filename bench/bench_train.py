@@ -23,6 +23,8 @@ median. Every step uses the same batch.
                       formula of /work/shared/anchors/hf_flax_train.py)
     MFU             = model TFLOP/s / the GPU's dense peak for the dtype (NVIDIA data sheets, see PEAK_TFLOPS)
     compile s       = our first call - our median step
+    XLA's plan      = ours only: the compiled step's memory as XLA accounts it (temporaries + arguments + outputs,
+                      less the donated buffers counted twice); a figure on the CPU too, where no peak is read
     speed-up        = transformers' median step time / ours
 
 Exit status: 0 when the check passes (or is informational, in bfloat16), 1 when the float32 check fails (after
@@ -114,6 +116,8 @@ class EngineResult:
     mfu: Optional[float] = None
     compile_s: Optional[float] = None   # ours only: first call minus the median step
     compiled_programs: Optional[int] = None  # ours only: programs in the jit cache after all steps (should be 1)
+    xla_memory_bytes: Optional[dict] = None  # ours only: XLA's accounting of the compiled step (temp, arguments,
+    #                                          outputs, aliased): what the program plans, also where no peak is read
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------
@@ -283,6 +287,18 @@ class OurEngine:
     def peak_memory(self) -> Optional[int]:
         return _machine.jax_peak_bytes()
 
+    def xla_memory(self) -> Optional[dict]:
+        """XLA's memory accounting of the compiled step. After the first call this lowers to the cached program:
+        no second compile."""
+        try:
+            m = self.train_step.lower(self.state, self.batch).compile().memory_analysis()
+        except Exception:  # noqa: BLE001  (a backend without the analysis: report nothing)
+            return None
+        if m is None:
+            return None
+        return dict(temp=m.temp_size_in_bytes, arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+                    aliased=m.alias_size_in_bytes)
+
     def compiled_programs(self) -> Optional[int]:
         size = getattr(self.train_step, "_cache_size", None)
         return size() if callable(size) else None
@@ -336,6 +352,13 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _planned(r: Optional[EngineResult]) -> Optional[int]:
+    """Bytes XLA planned for our compiled step: temporaries + arguments + outputs, less the donated (aliased)
+    buffers counted in both."""
+    m = None if r is None else r.xla_memory_bytes
+    return None if m is None else m["temp"] + m["arguments"] + m["outputs"] - m["aliased"]
+
+
 def table(t: Optional[EngineResult], o: Optional[EngineResult], runs: int) -> str:
     """A markdown table (pasteable into BENCHMARKS.md); the last column is transformers / ours for times and
     ours / transformers for rates, so > 1 means ours is faster. An engine that did not run shows "-"."""
@@ -363,7 +386,9 @@ def table(t: Optional[EngineResult], o: Optional[EngineResult], runs: int) -> st
              ratio("tflops", True)),
             ("MFU", get(t, "mfu"), get(o, "mfu"), ".1%", None),
             ("peak device memory GiB", gb(get(t, "peak_memory_bytes")), gb(get(o, "peak_memory_bytes")), ".2f",
-             None)]
+             None),
+            ("XLA's plan of the step GiB (temporaries + arguments + outputs - aliased)", None,
+             gb(_planned(o)), ".2f", None)]
     lines = ["| | transformers (PyTorch) | ours (bertgen_flax) | speed-up, ours vs transformers |", "|---|---|---|---|"]
     for label, a, b, spec, r in rows:
         lines.append(f"| {label} | {_fmt(a, spec)} | {_fmt(b, spec)} | "
@@ -471,6 +496,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                    else convert.stack_layers(engine_o.state.params), layers,
                                                    ours.config))
         ours_r.compiled_programs = engine_o.compiled_programs()
+        ours_r.xla_memory_bytes = engine_o.xla_memory()
 
     peak = env["peak_tflops"]
     measured = [r for r in (torch_r, ours_r) if r is not None]
