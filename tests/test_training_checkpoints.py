@@ -58,3 +58,49 @@ def test_a_half_written_checkpoint_is_never_the_latest(tmp_path):
     again = Checkpointer(str(tmp_path / "ckpt"))
     assert again.latest_step() == 1
     again.close()
+
+
+# Each process: two checkpoint managers (the trainer's ``checkpoints`` and ``best``) save the same steps of one array
+# sharded over both processes, as the trainer does at an evaluation step.
+_TWO_MANAGERS = """
+import os, sys
+import jax, numpy as np
+coordinator, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator, num_processes=2, process_id=pid)
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from bertgen_flax.training.checkpointing import Checkpointer
+sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
+x = jax.make_array_from_process_local_data(sharding, np.full((2, 8), pid, np.float32))
+ckpt = Checkpointer(os.path.join(out, "checkpoints"))
+best = Checkpointer(os.path.join(out, "best"), max_to_keep=1, best_metric="loss")
+for step in range(1, 7):
+    best.save(step, {"x": x}, {"step": step}, metrics={"loss": 1.0 / step}, force=True)
+    ckpt.save(step, {"x": x}, {"step": step}, force=True)
+ckpt.close(); best.close()
+print("steps", ckpt.all_steps(), best.all_steps())
+"""
+
+
+def test_two_managers_saving_the_same_step_across_processes_do_not_share_barriers(tmp_path):
+    # Without a barrier prefix per directory this failed or hung in 6 of 6 runs ("Barrier _async_write_complete.1
+    # is already ongoing"), and the two-process training run in about 1 of 3.
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("JAX_PLATFORMS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_MANAGERS, f"localhost:{port}", str(i), str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise AssertionError("two processes saving two checkpoint directories hung for 120 s")
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "steps [4, 5, 6] [6]" in out, out

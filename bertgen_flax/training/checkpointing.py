@@ -2,6 +2,11 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a half-written checkpoint is
 never listed, let alone taken as the latest. Saves are asynchronous; ``wait`` blocks until they are on disk.
+
+With several processes (``jax.distributed``) every save meets at coordination-service barriers named by the step.
+Two managers saving the same step (the trainer's ``checkpoints`` and ``best`` at an evaluation step) would meet
+at the same barrier names and fail or hang ("Barrier _async_write_complete.4 is already ongoing"), so each manager
+names its barriers after its directory.
 """
 from __future__ import annotations
 
@@ -10,6 +15,13 @@ from typing import Any, Mapping, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+
+def barrier_prefix(directory: str) -> str:
+    """The prefix of a checkpoint directory's barrier names: its last component, which every process agrees on
+    even where hosts mount the storage at different paths (two managers at once need different last components,
+    as the trainer's ``checkpoints`` and ``best`` have)."""
+    return os.path.basename(os.path.normpath(os.path.abspath(directory))) or "root"
 
 
 class Checkpointer:
@@ -21,6 +33,8 @@ class Checkpointer:
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=barrier_prefix(self.directory)),
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
             best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
             best_mode=best_mode, keep_checkpoints_without_metrics=False if best_metric else True)
