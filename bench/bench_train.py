@@ -23,6 +23,8 @@ median. Every step uses the same batch.
                       formula of /work/shared/anchors/hf_flax_train.py)
     MFU             = model TFLOP/s / the GPU's dense peak for the dtype (NVIDIA data sheets, see PEAK_TFLOPS)
     compile s       = our first call - our median step
+    XLA's plan      = ours only: the compiled step's memory as XLA accounts it (temporaries + arguments + outputs,
+                      less the donated buffers counted twice); a figure on the CPU too, where no peak is read
     speed-up        = transformers' median step time / ours
 
 Exit status: 0 when the check passes (or is informational, in bfloat16), 1 when the float32 check fails (after
@@ -67,6 +69,7 @@ import transformers  # noqa: E402
 import bertgen_flax  # noqa: E402
 from bertgen_flax import convert  # noqa: E402
 from bertgen_flax.training import create_state, make_optimizer, make_train_step  # noqa: E402
+from bertgen_flax.training.step import resolve_scan_unroll  # noqa: E402
 
 NOISY_CORES = _machine.NOISY_CORES  # warn when other processes use more than this many cores while we time
 LR, WEIGHT_DECAY, BETAS, EPS = 1e-4, 0.01, (0.9, 0.999), 1e-6
@@ -113,6 +116,8 @@ class EngineResult:
     mfu: Optional[float] = None
     compile_s: Optional[float] = None   # ours only: first call minus the median step
     compiled_programs: Optional[int] = None  # ours only: programs in the jit cache after all steps (should be 1)
+    xla_memory_bytes: Optional[dict] = None  # ours only: XLA's accounting of the compiled step (temp, arguments,
+    #                                          outputs, aliased): what the program plans, also where no peak is read
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------
@@ -136,6 +141,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--layers", choices=("scanned", "unrolled"), default="scanned",
                    help="our layer stacks under nn.scan (the default everywhere: one compiled layer) or unrolled "
                         "(model.scan_layers=false in a training config: longer compiles, a faster step on a CPU)")
+    p.add_argument("--scan-unroll", default="auto",
+                   help="layers per scan iteration of our scanned stacks (model.scan_unroll in a training config): "
+                        "'auto' (as bertgen train: every layer on a CPU, else 1), 'all', or a number")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="our layers' activations recomputed in the backward pass (model.remat in a training "
                         "config): less memory, more compute")
@@ -144,6 +152,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.shape = apply_shape_args(args, PRESETS[args.preset])
     s = args.shape
+    if args.scan_unroll not in ("auto", "all"):
+        if not args.scan_unroll.isdigit() or int(args.scan_unroll) < 1:
+            p.error(f"--scan-unroll must be 'auto', 'all' or a number >= 1, got {args.scan_unroll!r}")
+        args.scan_unroll = int(args.scan_unroll)
     if args.runs < 1 or args.warmup < 1:
         p.error("--runs and --warmup must be >= 1")
     if min(dataclasses.astuple(s)) < 1:
@@ -259,11 +271,12 @@ class TorchEngine:
 class OurEngine:
     """bertgen_flax's jitted ``make_train_step`` (donates the state) with ``make_optimizer('adamw', ...)``."""
 
-    def __init__(self, model: bertgen_flax.EncoderDecoderModel, batch: dict[str, np.ndarray], remat: str) -> None:
+    def __init__(self, model: bertgen_flax.EncoderDecoderModel, batch: dict[str, np.ndarray], remat: str,
+                 scan_unroll: int) -> None:
         self.tx = make_optimizer("adamw", LR, weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1], eps=EPS,
                                  clip_norm=None)
         self.state = create_state(model.params, self.tx, jax.random.PRNGKey(0))
-        self.train_step = make_train_step(model.module.clone(remat=remat), self.tx)
+        self.train_step = make_train_step(model.module.clone(remat=remat, scan_unroll=scan_unroll), self.tx)
         self.batch = {k: jax.device_put(jnp.asarray(v, jnp.int32)) for k, v in batch.items()}
 
     def step(self) -> float:
@@ -273,6 +286,18 @@ class OurEngine:
 
     def peak_memory(self) -> Optional[int]:
         return _machine.jax_peak_bytes()
+
+    def xla_memory(self) -> Optional[dict]:
+        """XLA's memory accounting of the compiled step. After the first call this lowers to the cached program:
+        no second compile."""
+        try:
+            m = self.train_step.lower(self.state, self.batch).compile().memory_analysis()
+        except Exception:  # noqa: BLE001  (a backend without the analysis: report nothing)
+            return None
+        if m is None:
+            return None
+        return dict(temp=m.temp_size_in_bytes, arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+                    aliased=m.alias_size_in_bytes)
 
     def compiled_programs(self) -> Optional[int]:
         size = getattr(self.train_step, "_cache_size", None)
@@ -327,6 +352,13 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _planned(r: Optional[EngineResult]) -> Optional[int]:
+    """Bytes XLA planned for our compiled step: temporaries + arguments + outputs, less the donated (aliased)
+    buffers counted in both."""
+    m = None if r is None else r.xla_memory_bytes
+    return None if m is None else m["temp"] + m["arguments"] + m["outputs"] - m["aliased"]
+
+
 def table(t: Optional[EngineResult], o: Optional[EngineResult], runs: int) -> str:
     """A markdown table (pasteable into BENCHMARKS.md); the last column is transformers / ours for times and
     ours / transformers for rates, so > 1 means ours is faster. An engine that did not run shows "-"."""
@@ -354,7 +386,9 @@ def table(t: Optional[EngineResult], o: Optional[EngineResult], runs: int) -> st
              ratio("tflops", True)),
             ("MFU", get(t, "mfu"), get(o, "mfu"), ".1%", None),
             ("peak device memory GiB", gb(get(t, "peak_memory_bytes")), gb(get(o, "peak_memory_bytes")), ".2f",
-             None)]
+             None),
+            ("XLA's plan of the step GiB (temporaries + arguments + outputs - aliased)", None,
+             gb(_planned(o)), ".2f", None)]
     lines = ["| | transformers (PyTorch) | ours (bertgen_flax) | speed-up, ours vs transformers |", "|---|---|---|---|"]
     for label, a, b, spec, r in rows:
         lines.append(f"| {label} | {_fmt(a, spec)} | {_fmt(b, spec)} | "
@@ -370,6 +404,7 @@ def environment(args: argparse.Namespace, torch_device: str, backend: str, threa
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         preset=args.preset, shape=dataclasses.asdict(args.shape), dtype=args.dtype, runs=args.runs,
         warmup=args.warmup, seed=args.seed, engines=args.engines, layers=args.layers, remat=args.remat,
+        scan_unroll=args.scan_unroll,
         optimizer=dict(name="AdamW", lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
                        no_decay="biases and LayerNorm weights", clip_norm=None),
         versions=_machine.versions("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy"),
@@ -395,6 +430,7 @@ def print_environment(env: dict[str, Any]) -> None:
           f"heads {s['heads']}, intermediate {s['intermediate']}, vocab {s['vocab']}; batch {s['batch']}, source "
           f"{s['source']} / target {s['target']} tokens, ragged; dropout 0; AdamW lr {LR}, wd {WEIGHT_DECAY}, eps "
           f"{EPS}, no clipping; median of {env['runs']} after first call + {env['warmup']} warm-up")
+    print(f"ours:  layers {env['layers']}, scan_unroll {env['scan_unroll']}, remat {env['remat']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -452,13 +488,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.engines in ("both", "ours"):
         print("- ours ...", flush=True)
-        engine_o = OurEngine(ours, batch, args.remat)
+        unroll = resolve_scan_unroll(args.scan_unroll, max(shape.encoder_layers, shape.decoder_layers))
+        engine_o = OurEngine(ours, batch, args.remat, unroll)
         ours.params = None  # the state holds its own copy; drop the model's to free device memory
         ours_r, got = measure(engine_o, "bertgen_flax", args.warmup, args.runs,
                               lambda: checked_ours(engine_o.state.params if args.layers == "scanned"
                                                    else convert.stack_layers(engine_o.state.params), layers,
                                                    ours.config))
         ours_r.compiled_programs = engine_o.compiled_programs()
+        ours_r.xla_memory_bytes = engine_o.xla_memory()
 
     peak = env["peak_tflops"]
     measured = [r for r in (torch_r, ours_r) if r is not None]

@@ -224,6 +224,11 @@ def memory_table(run: dict[str, Any]) -> str:
     lines.append(f"| training step | {gib(_get(train_engine(train, 'bertgen_flax'), 'peak_memory_bytes'))} | "
                  f"{gib(_get(train_engine(train, 'transformers'), 'peak_memory_bytes'))} | "
                  f"{gib(_get((flax or {}).get('train'), 'peak_memory_bytes'))} |")
+    plan = _get(train_engine(train, "bertgen_flax"), "xla_memory_bytes")
+    if plan:  # what XLA planned for our compiled step; bench_train.py's row of the same name
+        planned = plan["temp"] + plan["arguments"] + plan["outputs"] - plan["aliased"]
+        lines.append(f"| training step, XLA's plan of ours (temporaries + arguments + outputs - aliased) | "
+                     f"{gib(planned)} | - | - |")
     return "\n".join(lines)
 
 

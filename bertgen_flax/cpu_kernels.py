@@ -357,10 +357,36 @@ def _norm_reference(x: jax.Array, residual: Optional[jax.Array], scale: jax.Arra
     """flax's ``nn.LayerNorm`` (two-pass variance, float32 statistics) of x + residual, in ``dtype``."""
     if residual is not None:
         x = x + residual
+    return _layer_norm_xla(x, scale, bias, eps, dtype)
+
+
+def _layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype: Any
+                        ) -> tuple[jax.Array, tuple]:
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = xf.mean(-1, keepdims=True)
+    mean = xf.mean(-1, keepdims=True)                                              # [..., 1]
     var = jnp.maximum(0.0, jnp.square(xf - mean).mean(-1, keepdims=True))
-    return ((x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias).astype(dtype)
+    rstd = jax.lax.rsqrt(var + eps)                                                 # [..., 1]
+    return ((x - mean) * (rstd * scale) + bias).astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_backward(eps: float, dtype: Any, res: tuple, g: jax.Array) -> tuple:
+    # The textbook LayerNorm derivative from the one saved input and two per-row statistics. Autodiff of the
+    # forward kept four input-sized intermediates per LayerNorm for the backward pass (with layers under nn.scan,
+    # each stacked and zero-filled per step); recomputing x_hat here is one cheap elementwise pass.
+    x, mean, rstd, scale, bias = res
+    f32 = jnp.promote_types(x.dtype, jnp.float32)
+    gf = g.astype(f32)
+    x_hat = (x.astype(f32) - mean) * rstd
+    lead = tuple(range(g.ndim - 1))
+    d_hat = gf * scale.astype(f32)
+    dx = rstd * (d_hat - d_hat.mean(-1, keepdims=True) - x_hat * (d_hat * x_hat).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), (gf * x_hat).sum(lead).astype(scale.dtype), gf.sum(lead).astype(bias.dtype)
+
+
+_layer_norm_xla = jax.custom_vjp(lambda x, scale, bias, eps, dtype: _layer_norm_forward(x, scale, bias, eps,
+                                                                                         dtype)[0],
+                                 nondiff_argnums=(3, 4))
+_layer_norm_xla.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 def _norm_kernel(x: jax.Array, residual: Optional[jax.Array], scale: jax.Array, bias: jax.Array, eps: float,

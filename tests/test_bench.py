@@ -54,7 +54,9 @@ def run_dir(tmp_path):
         environment=dict(shape=dict(batch=32, source=512, target=128), parameters_encoder=10**8,
                          parameters_decoder=2 * 10**8),
         results=[dict(engine="transformers", tflops=197.0, first_call_s=3.0, median_s=0.234),
-                 dict(engine="bertgen_flax", tflops=460.0, first_call_s=40.0, median_s=0.1)]))
+                 dict(engine="bertgen_flax", tflops=460.0, first_call_s=40.0, median_s=0.1,
+                      xla_memory_bytes=dict(temp=30 * 2**30, arguments=9 * 2**30, outputs=9 * 2**30,
+                                            aliased=9 * 2**30))]))
     return str(tmp_path)
 
 
@@ -88,6 +90,7 @@ def test_summary_is_written_with_memory_and_steps(run_dir):
     assert os.path.isfile(os.path.join(run_dir, "SUMMARY.md"))
     assert "NVIDIA H100 80GB HBM3" in text and "TINY" not in text
     assert "| generate, batch 1 greedy | 2.00 | 1.00 | - |" in text
+    assert "| training step, XLA's plan of ours (temporaries + arguments + outputs - aliased) | 39.00 | - | - |" in text
     assert "| generate-bf16 | ok | 12 | `python bench/bench_generate.py` |" in text
     assert "Quantized generation" in text and "not measured." in text
 
@@ -157,3 +160,26 @@ def test_the_ab_bench_times_a_quantized_model_when_asked():
     assert "same tokens: True" in proc.stdout
     bad = subprocess.run(cmd[:-1] + ["int3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode == 2 and "--quantize: invalid choice: 'int3'" in bad.stderr
+
+
+def test_the_training_bench_checks_a_tiny_step_and_reports_xla_plan_of_our_memory(tmp_path, capsys):
+    import bench_train
+    out = tmp_path / "train.json"
+    code = bench_train.main(["--hidden", "64", "--encoder-layers", "1", "--decoder-layers", "2", "--heads", "2",
+                             "--intermediate", "128", "--vocab", "500", "--batch", "4", "--source", "16",
+                             "--target", "8", "--runs", "1", "--warmup", "1", "--scan-unroll", "all",
+                             "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "PASS" in printed and "scan_unroll all" in printed
+    ours = next(r for r in json.loads(out.read_text())["results"] if r["engine"] == "bertgen_flax")
+    plan = ours["xla_memory_bytes"]
+    assert plan["temp"] > 0 and plan["arguments"] > 0 and plan["aliased"] > 0  # the state is donated
+    planned = (plan["temp"] + plan["arguments"] + plan["outputs"] - plan["aliased"]) / 2**30
+    assert f"| XLA's plan of the step GiB (temporaries + arguments + outputs - aliased) | - | {planned:.2f} |" in printed
+
+
+def test_the_training_bench_names_a_bad_scan_unroll():
+    import bench_train
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.parse_args(["--scan-unroll", "0"])
+    assert exit_info.value.code == 2

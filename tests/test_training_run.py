@@ -279,6 +279,8 @@ def test_two_processes_through_jax_distributed_train_like_one(tmp_path):
     (["data.batch_size=\"big\""], "data.batch_size must be an integer"),
     (["model.init=bert2bert"], "needs model.pretrained"),
     (["model.remat=\"some\""], "model.remat must be 'none', 'full' or 'dots'"),
+    (["model.scan_unroll=\"some\""], "model.scan_unroll must be 'auto', 'all' or a number >= 1"),
+    (["model.scan_unroll=0"], "model.scan_unroll must be 'auto', 'all' or a number >= 1"),
     (["model.init=checkpoint", "model.checkpoint=/no/such/dir", "model.config={}", "model.tokenizer="],
      "checkpoint directory not found"),
 ])

@@ -14,7 +14,8 @@ from bertgen_flax import convert
 from bertgen_flax.training import (create_state, inverse_sqrt_schedule, linear_warmup_linear_decay,
                                    make_optimizer, make_train_step, token_loss)
 from bertgen_flax.training.optim import decay_mask
-from bertgen_flax.training.step import seq2seq_logits
+from bertgen_flax.training.config import TrainConfig, TrainConfigError
+from bertgen_flax.training.step import resolve_scan_unroll, seq2seq_logits
 
 from conftest import REPO, TINY, seq2seq_checkpoint
 
@@ -77,6 +78,58 @@ def test_rematerialised_layers_give_transformers_gradients_too(pair, tmp_path, r
                                 ours.config)
     scale = max(float(np.abs(g).max()) for g in want.values())
     assert max(float(np.abs(got[k] - g).max()) for k, g in want.items()) <= 1e-5 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("unroll, remat", [(2, "none"), (99, "none"), (99, "dots")])
+def test_an_unrolled_scan_gives_transformers_gradients(pair, unroll, remat):
+    ref, ours = pair
+    module = ours.module.clone(scan_unroll=unroll, remat=remat)  # 99 >= the layer count: unrolled completely
+    batch = _batch(2)
+    ref.zero_grad()
+    ref(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+        labels=torch.tensor(batch["labels"])).loss.backward()
+    want = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
+    grads = jax.grad(lambda p: token_loss(seq2seq_logits(module, p, batch), jnp.asarray(batch["labels"]))[0])(
+        ours.params)
+    got = convert.flax_to_torch(jax.tree_util.tree_map(np.asarray, grads), convert.ENCODER_DECODER, ours.config)
+    scale = max(float(np.abs(g).max()) for g in want.values())
+    assert max(float(np.abs(got[k] - g).max()) for k, g in want.items()) <= 1e-5 * max(1.0, scale)
+
+
+def test_a_completely_unrolled_scan_has_no_loop_and_keeps_the_stacked_parameters(pair):
+    _, ours = pair
+    batch = _batch()
+
+    def program(unroll):
+        module = ours.module.clone(scan_unroll=unroll)
+        loss = lambda p: token_loss(seq2seq_logits(module, p, batch), jnp.asarray(batch["labels"]))[0]
+        return jax.jit(jax.grad(loss)).lower(ours.params).as_text()
+
+    assert "while" in program(1) and "while" not in program(99)
+    layer_kernel = ours.params["encoder"]["encoder"]["layer"]["intermediate"]["dense"]["kernel"]
+    assert layer_kernel.shape[0] == ours.config.encoder.num_hidden_layers  # one stacked tree for every setting
+
+
+def test_scan_unroll_auto_unrolls_every_layer_on_a_cpu_only():
+    assert resolve_scan_unroll("auto", 12, backend="cpu") == 12
+    assert resolve_scan_unroll("auto", 12, backend="gpu") == resolve_scan_unroll("auto", 12, backend="tpu") == 1
+    assert resolve_scan_unroll("all", 24, backend="gpu") == 24
+    assert resolve_scan_unroll(3, 24, backend="cpu") == 3
+
+
+def test_a_training_config_takes_scan_unroll_as_a_number_or_a_word():
+    base = ['model.pretrained="minilm"', 'data.synthetic="fusion"']
+    assert TrainConfig.load(None, base).model.scan_unroll == "auto"
+    assert TrainConfig.load(None, base + ["model.scan_unroll=4"]).model.scan_unroll == 4
+    assert TrainConfig.load(None, base + ['model.scan_unroll="all"']).model.scan_unroll == "all"
+    with pytest.raises(TrainConfigError, match="model.scan_unroll must be an integer or a string"):
+        TrainConfig.load(None, base + ["model.scan_unroll=true"])
+
+
+def test_a_scan_unroll_below_one_is_named(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="scan_unroll must be >= 1, got 0"):
+        seq2seq_logits(ours.module.clone(scan_unroll=0), ours.params, _batch())
 
 
 def test_an_unknown_remat_policy_is_named(pair):

@@ -51,6 +51,8 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
     scan_layers: bool = True
     remat: str = "none"  # recompute layer activations in the backward pass: "none", "full" or "dots"
+    scan_unroll: Union[int, str] = "auto"  # layers per scan iteration in training: "auto" (all on a CPU, else 1),
+    #                                        "all", or a number; parameters stay stacked either way
     dropout: Optional[float] = None  # overrides hidden and attention dropout when set
     seed: int = 0  # random init of fresh weights (cross-attention, random stacks)
     trim_vocabulary: bool = False  # keep only the pretrained vocabulary's tokens the training data uses
@@ -230,6 +232,10 @@ class TrainConfig:
             raise TrainConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         if m.remat not in ("none", "full", "dots"):
             raise TrainConfigError(f"model.remat must be 'none', 'full' or 'dots', got {m.remat!r}")
+        if isinstance(m.scan_unroll, str) and m.scan_unroll not in ("auto", "all"):
+            raise TrainConfigError(f"model.scan_unroll must be 'auto', 'all' or a number >= 1, got {m.scan_unroll!r}")
+        if isinstance(m.scan_unroll, int) and m.scan_unroll < 1:
+            raise TrainConfigError(f"model.scan_unroll must be 'auto', 'all' or a number >= 1, got {m.scan_unroll}")
         if d.synthetic:
             _choice("data.synthetic", d.synthetic, SYNTHETIC_TASKS)
             if d.train or d.eval:
@@ -325,10 +331,19 @@ def _build_section(name: str, section_cls: type, values: Mapping[str, Any], base
 def _coerce(where: str, hint: Any, value: Any) -> Any:
     """``value`` checked against the field's type (ints widen to floats; a string path becomes a 1-tuple)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:  # Optional[X]
-        if value is None:
+    if origin is Union:  # Optional[X], or one of several types (the first that takes the value)
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
             return None
-        return _coerce(where, next(a for a in args if a is not type(None)), value)
+        if len(options) == 1:
+            return _coerce(where, options[0], value)
+        for option in options:
+            try:
+                return _coerce(where, option, value)
+            except TrainConfigError:
+                pass
+        names = " or ".join({int: "an integer", str: "a string", float: "a number"}.get(o, str(o)) for o in options)
+        raise TrainConfigError(f"{where} must be {names}, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value

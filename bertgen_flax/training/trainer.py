@@ -353,7 +353,9 @@ def train(config: TrainConfig, *, progress: Optional[bool] = None) -> TrainResul
     model.params = None  # the state owns the parameters from here on
     state, state_shardings = step_lib.shard_state(state, mesh)
     batch_sharding = shard_lib.batch_sharding(mesh)
-    train_step = step_lib.make_train_step(model.module.clone(remat=config.model.remat), tx,
+    layers = max(model.config.encoder.num_hidden_layers, model.config.decoder.num_hidden_layers)
+    unroll = step_lib.resolve_scan_unroll(config.model.scan_unroll, layers)
+    train_step = step_lib.make_train_step(model.module.clone(remat=config.model.remat, scan_unroll=unroll), tx,
                                           label_smoothing=o.label_smoothing, mesh=mesh,
                                           state_shardings=state_shardings, schedule=schedule,
                                           accumulation_steps=o.accumulation_steps)
