@@ -18,6 +18,8 @@ Steps (in this order; one failing does not stop the others):
     generate-fp32-cached  the same, ours only, cache filled
     train-bf16            bench_train.py --preset l24 --dtype bfloat16 (batch 32, 512 source / 128 target tokens)
     train-bf16-cached     the same, ours only, cache filled
+    train-bf16-dropout    the same with dropout 0.1 in both engines, as the anchors trained (time only: the
+                          engines draw different masks)
     flax457               bench_flax457.py --preset l24 --dtype bfloat16 --train (transformers 4.57 Flax), when an
                           interpreter with transformers 4.57 and a GPU jax is found
     flax457-cached        the same again, cache filled
@@ -106,6 +108,7 @@ def steps_for(flax_python: Optional[str], flax_why: str) -> list[Step]:
         Step("generate-fp32-cached", "generate", "bench_generate.py", gen_fp32 + ["--engines", "ours"]),
         Step("train-bf16", "train", "bench_train.py", train),
         Step("train-bf16-cached", "train", "bench_train.py", train + ["--engines", "ours"]),
+        Step("train-bf16-dropout", "train", "bench_train.py", train + ["--dropout", "0.1"]),
         Step("flax457", "flax457", "bench_flax457.py", flax, python=flax_python, skip=flax_skip),
         Step("flax457-cached", "flax457", "bench_flax457.py", flax, python=flax_python, skip=flax_skip),
         Step("quant", "quant", "bench_quant.py", quant),

@@ -3,7 +3,7 @@
     python bench/gpu_summary.py out/gpu-20261124-101500Z      # (re)writes and prints its SUMMARY.md
 
 Reads ``manifest.json`` and the steps' JSON files (``generate-bf16.json``, ``generate-bf16-cached.json``,
-``generate-fp32.json``, ``train-bf16.json``, ``train-bf16-cached.json``, ``flax457.json``,
+``generate-fp32.json``, ``train-bf16.json``, ``train-bf16-cached.json``, ``train-bf16-dropout.json``, ``flax457.json``,
 ``flax457-cached.json``, ``quant.json``); a missing file leaves its figures "not measured". Standard library
 only.
 
@@ -42,6 +42,7 @@ TARGETS = {
     "first_cached": Target("first call, s, slowest generate case, persistent cache filled", 5, False, ".1f",
                            speed=False),
     "train_tflops": Target("training step, batch 32, 512/128 tokens, TFLOP/s (6 N tokens)", 450, True, ".1f"),
+    "train_tflops_dropout": Target("the same with dropout 0.1 (the anchors' setting), TFLOP/s", 450, True, ".1f"),
     "train_first": Target("first call of the training step (compile), s, cache empty", 30, False, ".1f",
                           speed=False),
     "train_first_cached": Target("first call of the training step, s, persistent cache filled", 30, False, ".1f",
@@ -62,7 +63,7 @@ def load_run(run_dir: str) -> dict[str, Any]:
     """The manifest and every step's JSON (None where missing)."""
     run = {"manifest": load_json(os.path.join(run_dir, "manifest.json")) or {}}
     for name in ("generate-bf16", "generate-bf16-cached", "generate-bf16-stored", "generate-fp32",
-                 "generate-fp32-cached", "train-bf16", "train-bf16-cached", "flax457", "flax457-cached", "quant"):
+                 "generate-fp32-cached", "train-bf16", "train-bf16-cached", "train-bf16-dropout", "flax457", "flax457-cached", "quant"):
         run[name] = load_json(os.path.join(run_dir, f"{name}.json"))
     return run
 
@@ -125,6 +126,9 @@ def figures(run: dict[str, Any]) -> dict[str, tuple[Optional[float], Optional[fl
     ours_t, torch_t = train_engine(train, "bertgen_flax"), train_engine(train, "transformers")
     flax_t, flax_tc = (flax or {}).get("train"), (flax_c or {}).get("train")
     out["train_tflops"] = (_get(ours_t, "tflops"), _get(torch_t, "tflops"), flax_tflops(train, flax_t))
+    drop = run.get("train-bf16-dropout")
+    out["train_tflops_dropout"] = (_get(train_engine(drop, "bertgen_flax"), "tflops"),
+                                   _get(train_engine(drop, "transformers"), "tflops"), None)
     out["train_first"] = (_get(ours_t, "first_call_s"), _get(torch_t, "first_call_s"), _get(flax_t, "first_call_s"))
     out["train_first_cached"] = (_get(train_engine(train_c, "bertgen_flax"), "first_call_s"), None,
                                  _get(flax_tc, "first_call_s"))

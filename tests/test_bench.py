@@ -57,6 +57,8 @@ def run_dir(tmp_path):
                  dict(engine="bertgen_flax", tflops=460.0, first_call_s=40.0, median_s=0.1,
                       xla_memory_bytes=dict(temp=30 * 2**30, arguments=9 * 2**30, outputs=9 * 2**30,
                                             aliased=9 * 2**30))]))
+    _write(tmp_path / "train-bf16-dropout.json", dict(
+        results=[dict(engine="transformers", tflops=180.0), dict(engine="bertgen_flax", tflops=360.0)]))
     return str(tmp_path)
 
 
@@ -82,6 +84,8 @@ def test_target_table_has_values_ratios_and_verdicts(run_dir):
     train = _row(table, "training step, batch 32, 512/128 tokens, TFLOP/s (6 N tokens)")
     # 4.57 Flax on our parameter counts: 6 * (1e8 * 32 * 512 + 2e8 * 32 * 128) / 0.5 s = 29.5 TFLOP/s
     assert train[2:6] == ["460.0", "197.0", "2.34x", "29.5"] and train[-1] == "met"
+    dropout = _row(table, "the same with dropout 0.1 (the anchors' setting), TFLOP/s")
+    assert dropout[2:6] == ["360.0", "180.0", "2.00x", "-"] and dropout[-1] == "**not met**"
     assert _row(table, "first call of the training step (compile), s, cache empty")[-1] == "**not met**"
 
 
@@ -182,4 +186,22 @@ def test_the_training_bench_names_a_bad_scan_unroll():
     import bench_train
     with pytest.raises(SystemExit) as exit_info:
         bench_train.parse_args(["--scan-unroll", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_the_training_bench_times_both_engines_with_dropout_and_skips_the_check(capsys):
+    import bench_train
+    code = bench_train.main(["--hidden", "64", "--encoder-layers", "1", "--decoder-layers", "1", "--heads", "2",
+                             "--intermediate", "128", "--vocab", "500", "--batch", "4", "--source", "16",
+                             "--target", "8", "--runs", "1", "--warmup", "1", "--dropout", "0.1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "dropout 0.1;" in printed
+    assert "check: skipped (dropout" in printed and "| step ms (median of 1) |" in printed
+
+
+@pytest.mark.parametrize("argv", [["--dropout", "1.0"], ["--dropout", "-0.1"]])
+def test_the_training_bench_names_a_bad_dropout_option(argv):
+    import bench_train
+    with pytest.raises(SystemExit) as exit_info:
+        bench_train.parse_args(argv)
     assert exit_info.value.code == 2
