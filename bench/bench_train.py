@@ -435,8 +435,8 @@ def print_environment(env: dict[str, Any]) -> None:
     print(f"cpu: {env['cpu']}, {env['usable_cores']} usable cores, load average {env['load_average_start']}")
     print(f"model: preset {env['preset']}, hidden {s['hidden']}, layers {s['encoder_layers']}+{s['decoder_layers']}, "
           f"heads {s['heads']}, intermediate {s['intermediate']}, vocab {s['vocab']}; batch {s['batch']}, source "
-          f"{s['source']} / target {s['target']} tokens, ragged; dropout {env['dropout']:g}; AdamW lr {LR}, wd {WEIGHT_DECAY}, eps "
-          f"{EPS}, no clipping; median of {env['runs']} after first call + {env['warmup']} warm-up")
+          f"{s['source']} / target {s['target']} tokens, ragged; dropout {env['dropout']:g}; AdamW lr {LR}, "
+          f"wd {WEIGHT_DECAY}, eps {EPS}, no clipping; median of {env['runs']} after first call + {env['warmup']} warm-up")
     print(f"ours:  layers {env['layers']}, scan_unroll {env['scan_unroll']}, remat {env['remat']}")
 
 

@@ -3,9 +3,9 @@
     python bench/gpu_summary.py out/gpu-20261124-101500Z      # (re)writes and prints its SUMMARY.md
 
 Reads ``manifest.json`` and the steps' JSON files (``generate-bf16.json``, ``generate-bf16-cached.json``,
-``generate-fp32.json``, ``train-bf16.json``, ``train-bf16-cached.json``, ``train-bf16-dropout.json``, ``flax457.json``,
-``flax457-cached.json``, ``quant.json``); a missing file leaves its figures "not measured". Standard library
-only.
+``generate-fp32.json``, ``train-bf16.json``, ``train-bf16-cached.json``, ``train-bf16-dropout.json``,
+``flax457.json``, ``flax457-cached.json``, ``quant.json``); a missing file leaves its figures "not measured".
+Standard library only.
 
 Ratios are speed-ups of ours, so above 1 means ours is faster: the other engine's time / ours for ms/step, ours /
 the other's for tokens/s and TFLOP/s. transformers 4.57 Flax is FlaxBert, not BertGeneration (see
@@ -63,7 +63,8 @@ def load_run(run_dir: str) -> dict[str, Any]:
     """The manifest and every step's JSON (None where missing)."""
     run = {"manifest": load_json(os.path.join(run_dir, "manifest.json")) or {}}
     for name in ("generate-bf16", "generate-bf16-cached", "generate-bf16-stored", "generate-fp32",
-                 "generate-fp32-cached", "train-bf16", "train-bf16-cached", "train-bf16-dropout", "flax457", "flax457-cached", "quant"):
+                 "generate-fp32-cached", "train-bf16", "train-bf16-cached", "train-bf16-dropout", "flax457",
+                 "flax457-cached", "quant"):
         run[name] = load_json(os.path.join(run_dir, f"{name}.json"))
     return run
 

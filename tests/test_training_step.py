@@ -37,25 +37,30 @@ def pair(tmp_path_factory):
     return ref, bg.EncoderDecoderModel.from_pretrained(str(path))
 
 
-def test_gradients_equal_transformers_pytorch_gradients(pair):
-    ref, ours = pair
-    batch = _batch()
+def _assert_transformers_gradients(ref, ours, module, batch, scanned: bool = True) -> tuple[float, float]:
+    """Gradients of ``module`` (with ``ours.params``) equal transformers' PyTorch gradients on ``batch`` within
+    1e-5 of their scale; returns (our loss, transformers' loss)."""
     ref.zero_grad()
     out = ref(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
               labels=torch.tensor(batch["labels"]))
     out.loss.backward()
     want = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
-
-    def loss_fn(params):
-        return token_loss(seq2seq_logits(ours.module, params, batch), jnp.asarray(batch["labels"]))[0]
-
-    loss, grads = jax.value_and_grad(loss_fn)(ours.params)
-    assert abs(float(loss) - float(out.loss.detach())) <= 1e-5
-    got = convert.flax_to_torch(jax.tree_util.tree_map(np.asarray, grads), convert.ENCODER_DECODER, ours.config)
+    loss, grads = jax.value_and_grad(
+        lambda p: token_loss(seq2seq_logits(module, p, batch), jnp.asarray(batch["labels"]))[0])(ours.params)
+    tree = jax.tree_util.tree_map(np.asarray, grads)
+    got = convert.flax_to_torch(tree if scanned else convert.stack_layers(tree), convert.ENCODER_DECODER,
+                                ours.config)
     assert set(want) <= set(got)
     scale = max(float(np.abs(g).max()) for g in want.values())
     worst = max(float(np.abs(got[k] - g).max()) for k, g in want.items())
     assert worst <= 1e-5 * max(1.0, scale), (worst, scale)
+    return float(loss), float(out.loss.detach())
+
+
+def test_gradients_equal_transformers_pytorch_gradients(pair):
+    ref, ours = pair
+    loss, want = _assert_transformers_gradients(ref, ours, ours.module, _batch())
+    assert abs(loss - want) <= 1e-5
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
@@ -65,35 +70,14 @@ def test_rematerialised_layers_give_transformers_gradients_too(pair, tmp_path, r
     if not scan_layers:
         ours.save_pretrained(str(tmp_path / "m"))
         ours = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "m"), scan_layers=False)
-    module = ours.module.clone(remat=remat)
-    batch = _batch(1)
-    ref.zero_grad()
-    ref(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
-        labels=torch.tensor(batch["labels"])).loss.backward()
-    want = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
-    grads = jax.grad(lambda p: token_loss(seq2seq_logits(module, p, batch), jnp.asarray(batch["labels"]))[0])(
-        ours.params)
-    tree = jax.tree_util.tree_map(np.asarray, grads)
-    got = convert.flax_to_torch(tree if scan_layers else convert.stack_layers(tree), convert.ENCODER_DECODER,
-                                ours.config)
-    scale = max(float(np.abs(g).max()) for g in want.values())
-    assert max(float(np.abs(got[k] - g).max()) for k, g in want.items()) <= 1e-5 * max(1.0, scale)
+    _assert_transformers_gradients(ref, ours, ours.module.clone(remat=remat), _batch(1), scanned=scan_layers)
 
 
 @pytest.mark.parametrize("unroll, remat", [(2, "none"), (99, "none"), (99, "dots")])
 def test_an_unrolled_scan_gives_transformers_gradients(pair, unroll, remat):
     ref, ours = pair
     module = ours.module.clone(scan_unroll=unroll, remat=remat)  # 99 >= the layer count: unrolled completely
-    batch = _batch(2)
-    ref.zero_grad()
-    ref(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
-        labels=torch.tensor(batch["labels"])).loss.backward()
-    want = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
-    grads = jax.grad(lambda p: token_loss(seq2seq_logits(module, p, batch), jnp.asarray(batch["labels"]))[0])(
-        ours.params)
-    got = convert.flax_to_torch(jax.tree_util.tree_map(np.asarray, grads), convert.ENCODER_DECODER, ours.config)
-    scale = max(float(np.abs(g).max()) for g in want.values())
-    assert max(float(np.abs(got[k] - g).max()) for k, g in want.items()) <= 1e-5 * max(1.0, scale)
+    _assert_transformers_gradients(ref, ours, module, _batch(2))
 
 
 def test_a_completely_unrolled_scan_has_no_loop_and_keeps_the_stacked_parameters(pair):
@@ -220,37 +204,36 @@ batch = {"input_ids": rng.integers(3, 99, (8, 9)), "attention_mask": np.ones((8,
 batch["attention_mask"][3, 5:] = 0; batch["labels"][2, 4:] = -100
 batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
 tx = make_optimizer("adamw", 1e-3)
-results = []
-for mesh in (None, make_mesh(data=2, fsdp=4)):
-    state = create_state(model.params, tx, jax.random.PRNGKey(0))
-    if mesh is None:
-        step = make_train_step(model.module, tx)
-    else:
-        state, shardings = shard_state(state, mesh, min_size=0)  # the tiny model's leaves are small
-        step = make_train_step(model.module, tx, mesh=mesh, state_shardings=shardings)
-        specs = [s.spec for s in jax.tree_util.tree_leaves(shardings)]
-        assert any("fsdp" in tuple(x) for x in specs), "nothing was sharded over fsdp"
-    for _ in range(2):
-        state, metrics = step(state, batch)
-    results.append((float(metrics["loss"]), [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]))
-(l1, p1), (l8, p8) = results
+
+def run(module, steps):
+    # (losses, final params) of `steps` steps on one device, then on a data x fsdp mesh of all 8
+    results = []
+    for mesh in (None, make_mesh(data=2, fsdp=4)):
+        state = create_state(model.params, tx, jax.random.PRNGKey(0))
+        if mesh is None:
+            step = make_train_step(module, tx)
+        else:
+            state, shardings = shard_state(state, mesh, min_size=0)  # the tiny model's leaves are small
+            step = make_train_step(module, tx, mesh=mesh, state_shardings=shardings)
+            specs = [s.spec for s in jax.tree_util.tree_leaves(shardings)]
+            assert any("fsdp" in tuple(x) for x in specs), "nothing was sharded over fsdp"
+        losses = []
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        results.append((losses, [np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)]))
+    return results
+
+(l1, p1), (l8, p8) = run(model.module, 2)
 worst = max(float(np.abs(a - b).max()) for a, b in zip(p1, p8))
-assert abs(l1 - l8) <= 1e-5 and worst <= 1e-5, (l1, l8, worst)
-# with dropout on, the masks are the same however the batch is sharded
+assert max(abs(a - b) for a, b in zip(l1, l8)) <= 1e-5 and worst <= 1e-5, (l1, l8, worst)
+# with dropout on, the masks are the same however the batch is sharded (and dropout does act)
 cfg = model.config
 drop = dict(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
 dropped = bg.EncoderDecoderModel(cfg.replace(encoder=cfg.encoder.replace(**drop), decoder=cfg.decoder.replace(**drop)),
                                  params=model.params)
-losses = []
-for mesh in (None, make_mesh(data=2, fsdp=4)):
-    state = create_state(model.params, tx, jax.random.PRNGKey(1))
-    if mesh is None:
-        step = make_train_step(dropped.module, tx)
-    else:
-        state, shardings = shard_state(state, mesh, min_size=0)
-        step = make_train_step(dropped.module, tx, mesh=mesh, state_shardings=shardings)
-    losses.append(float(step(state, batch)[1]["loss"]))
-assert abs(losses[0] - losses[1]) <= 1e-5 and abs(losses[0] - l1) > 1e-3, (losses, l1)
+(d1, _), (d8, _) = run(dropped.module, 1)
+assert abs(d1[0] - d8[0]) <= 1e-5 and abs(d1[0] - l1[0]) > 1e-3, (d1, d8, l1)
 print("OK", l1, l8, worst)
 """
 

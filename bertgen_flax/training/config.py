@@ -232,10 +232,8 @@ class TrainConfig:
             raise TrainConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         if m.remat not in ("none", "full", "dots"):
             raise TrainConfigError(f"model.remat must be 'none', 'full' or 'dots', got {m.remat!r}")
-        if isinstance(m.scan_unroll, str) and m.scan_unroll not in ("auto", "all"):
+        if m.scan_unroll not in ("auto", "all") and not (isinstance(m.scan_unroll, int) and m.scan_unroll >= 1):
             raise TrainConfigError(f"model.scan_unroll must be 'auto', 'all' or a number >= 1, got {m.scan_unroll!r}")
-        if isinstance(m.scan_unroll, int) and m.scan_unroll < 1:
-            raise TrainConfigError(f"model.scan_unroll must be 'auto', 'all' or a number >= 1, got {m.scan_unroll}")
         if d.synthetic:
             _choice("data.synthetic", d.synthetic, SYNTHETIC_TASKS)
             if d.train or d.eval:
