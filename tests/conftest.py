@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,13 @@ TOL = 1e-5  # the parity tolerance the project promises (float32, CPU)
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)
+
+
+def free_port() -> int:
+    """A localhost port free right now (for a jax.distributed coordinator in tests)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def perturb_(model, seed: int = 0, scale: float = 0.1) -> None:

@@ -8,6 +8,8 @@ import numpy as np
 from bertgen_flax.training import create_state, make_optimizer
 from bertgen_flax.training.checkpointing import Checkpointer
 
+from conftest import free_port
+
 
 def _state(seed=0):
     rng = np.random.default_rng(seed)
@@ -84,12 +86,9 @@ print("steps", ckpt.all_steps(), best.all_steps())
 def test_two_managers_saving_the_same_step_across_processes_do_not_share_barriers(tmp_path):
     # Without a barrier prefix per directory this failed or hung in 6 of 6 runs ("Barrier _async_write_complete.1
     # is already ongoing"), and the two-process training run in about 1 of 3.
-    import socket
     import subprocess
     import sys
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env.pop("JAX_PLATFORMS", None)
     procs = [subprocess.Popen([sys.executable, "-c", _TWO_MANAGERS, f"localhost:{port}", str(i), str(tmp_path)],

@@ -3,7 +3,6 @@ non-finite losses, two processes through jax.distributed, and bad configs and da
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, TOL, max_diff
+from conftest import REPO, TOL, free_port, max_diff
 
 TINY_RUN = """
 [model]
@@ -238,12 +237,6 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 # ---------------------------------------------------------------------------------------------------------------
 # Several processes
 # ---------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_through_jax_distributed_train_like_one(tmp_path):
     config = _write_config(tmp_path)
     common = ["run.steps=4", "run.eval_every=0", "eval.generate=false", "run.plot=false", "run.export=false",
@@ -254,7 +247,7 @@ def test_two_processes_through_jax_distributed_train_like_one(tmp_path):
     proc = _train(config, f"run.output_dir={single}", *common, devices=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     multi = str(tmp_path / "multi")
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(_train_cmd(config, f"run.output_dir={multi}", *common,
                                          f"distributed.coordinator=localhost:{port}", "distributed.num_processes=2",
                                          f"distributed.process_id={i}"),
