@@ -18,7 +18,9 @@ decode step's weights), so the work is the same to within that.
     train     (--train) one jitted step, params and optimizer state donated: token cross-entropy over labels !=
               -100 (decoder inputs = labels shifted right after the start token, -100 -> pad), AdamW with
               bench_train.py's settings (lr 1e-4, betas (0.9, 0.999), eps 1e-6, weight decay 0.01 except biases
-              and LayerNorm), dropout 0; bfloat16 means bf16 compute with float32 params (as the anchor)
+              and LayerNorm); dropout off, or ``--dropout P`` (hidden and attention dropout P, a new dropout key
+              per step, as the anchor trained with 0.1); bfloat16 means bf16 compute with float32 params (as the
+              anchor)
 
     ms/step   = median generate time / new tokens;   tokens/s = batch * new tokens / median time
     first s   = the first call (tracing + XLA compilation + one call);   compile s = first call - median call
@@ -31,6 +33,7 @@ and prints its figures next to ours (``--flax457``); ``bench/gpu.py`` runs it as
 
     .venv-tf457/bin/python bench/bench_flax457.py --cases b1,b32 --json out/flax457_small_cpu.json
     .venv-tf457/bin/python bench/bench_flax457.py --preset l24 --dtype bfloat16 --train --json out/flax457_l24.json
+    .venv-tf457/bin/python bench/bench_flax457.py --preset l24 --dtype bfloat16 --cases none --train --dropout 0.1
     .venv-tf457/bin/python bench/bench_flax457.py --probe      # versions and backend as one JSON line
 """
 from __future__ import annotations
@@ -146,6 +149,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-target", type=int, help="training target length (default: the preset's)")
     p.add_argument("--train-runs", type=int, default=5, help="timed training steps (median reported)")
     p.add_argument("--train-warmup", type=int, default=2, help="untimed steps after the first call")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="hidden and attention dropout of the training step (default 0; generation never drops)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.probe:
@@ -163,6 +168,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--cases {bad}: choose from {', '.join(GREEDY)} (its beam search is not comparable)")
     if not args.case_keys and not args.train:
         p.error("nothing to do: give --cases or --train")
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.dropout and not args.train:
+        p.error("--dropout applies to the training step only: give --train")
     if min(args.runs, args.warmup, args.train_runs, args.train_warmup) < 1:
         p.error("--runs, --warmup, --train-runs and --train-warmup must be >= 1")
     if s.hidden % s.heads:
@@ -174,13 +183,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
-def build_model(shape: Shape, dtype: Any, seed: int) -> Any:
-    """A random FlaxEncoderDecoderModel (FlaxBert encoder, FlaxBert causal decoder with cross-attention), dropout
-    0, start 2, pad 0, eos 1; parameters float32."""
+def build_model(shape: Shape, dtype: Any, seed: int, dropout: float = 0.0) -> Any:
+    """A random FlaxEncoderDecoderModel (FlaxBert encoder, FlaxBert causal decoder with cross-attention), hidden
+    and attention dropout ``dropout`` (it acts only in a ``train=True`` call), start 2, pad 0, eos 1; parameters
+    float32."""
     from transformers import BertConfig, EncoderDecoderConfig, FlaxEncoderDecoderModel
     common = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, num_attention_heads=shape.heads,
                   intermediate_size=shape.intermediate, max_position_embeddings=shape.max_positions,
-                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
                   pad_token_id=PAD, bos_token_id=DECODER_START, eos_token_id=EOS)
     config = EncoderDecoderConfig.from_encoder_decoder_configs(
         BertConfig(**common, num_hidden_layers=shape.encoder_layers),
@@ -264,15 +274,19 @@ def bench_train(model: Any, params: Any, args: argparse.Namespace) -> dict[str, 
                      mask=lambda p: jax.tree_util.tree_map_with_path(decays, p))
     opt_state = tx.init(params)
 
-    def loss_fn(p: Any) -> Any:
-        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in, params=p, train=False).logits
+    dropping = args.dropout > 0
+
+    def loss_fn(p: Any, rng: Any) -> Any:
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_in, params=p, train=dropping,
+                       dropout_rng=rng if dropping else None).logits
         valid = labels != -100
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                                  jnp.where(valid, labels, 0))
         return (losses * valid).sum() / valid.sum()
 
-    def step(p: Any, o: Any) -> tuple[Any, Any, Any]:
-        loss, grads = jax.value_and_grad(loss_fn)(p)
+    def step(p: Any, o: Any, n: Any) -> tuple[Any, Any, Any]:
+        # dropout key of step n, derived inside the program: no host-side key work between steps
+        loss, grads = jax.value_and_grad(loss_fn)(p, jax.random.fold_in(jax.random.PRNGKey(args.seed), n))
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss
 
@@ -284,17 +298,17 @@ def bench_train(model: Any, params: Any, args: argparse.Namespace) -> dict[str, 
     losses: list[float] = []
 
     def call() -> float:
-        state[0], state[1], loss = step(state[0], state[1])
+        state[0], state[1], loss = step(state[0], state[1], np.int32(len(losses)))
         losses.append(float(jax.block_until_ready(loss)))
         return losses[-1]
 
-    print(f"- training step: batch {shape.batch}, source {shape.source} / target {shape.target}, ragged ...",
-          flush=True)
+    print(f"- training step: batch {shape.batch}, source {shape.source} / target {shape.target}, ragged, dropout "
+          f"{args.dropout:g} ...", flush=True)
     first, runs_s, others, _ = timed_calls(call, args.train_warmup + 1, args.train_runs)
     t = statistics.median(runs_s)
     b = shape.batch
     tokens = int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
-    r = dict(batch=b, source=shape.source, target=shape.target, first_call_s=first, runs_s=runs_s, median_s=t,
+    r = dict(batch=b, source=shape.source, target=shape.target, dropout=args.dropout, first_call_s=first, runs_s=runs_s, median_s=t,
              compile_s=first - t, losses=losses, parameters=n_all, parameters_encoder=n_enc, parameters_decoder=n_dec,
              tokens_per_s=tokens / t, padded_tokens_per_s=b * (shape.source + shape.target) / t,
              tflops=6 * (n_enc * b * shape.source + n_dec * b * shape.target) / t / 1e12,
@@ -335,13 +349,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                usable_cores=_machine.usable_cores(), jax_matmul_precision=jax.config.jax_default_matmul_precision,
                load_average_start=os.getloadavg())
     if args.train:
-        env["train_shape"] = dataclasses.asdict(args.train_shape)
+        env.update(train_shape=dataclasses.asdict(args.train_shape), dropout=args.dropout)
     print(f"transformers 4.57 Flax engine | {env['command']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     print(f"jax: {backend} ({env['jax_device_kind']}), {args.dtype}; model: FlaxBert encoder-decoder, hidden "
           f"{s.hidden}, layers {s.encoder_layers}+{s.decoder_layers}, heads {s.heads}, intermediate {s.intermediate}, "
           f"vocab {s.vocab}; source {s.source} ragged, {s.new_tokens} new tokens forced", flush=True)
-    model = build_model(s, dtype, args.seed)
+    model = build_model(s, dtype, args.seed, args.dropout)
     params32 = model.params
     env["parameters"] = sum(x.size for x in jax.tree_util.tree_leaves(params32))
     print(f"{env['parameters']:,} parameters (FlaxBert counts token-type embeddings, the pooler and the LM-head "
@@ -366,7 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{r['compile_s']:.1f} | {_fmt(peak, '.2f')} |")
     if train:
         peak = None if train["peak_memory_bytes"] is None else train["peak_memory_bytes"] / 2**30
-        print(f"\ntraining step: {1e3 * train['median_s']:.1f} ms, {train['tokens_per_s']:,.0f} tokens/s "
+        print(f"\ntraining step (dropout {args.dropout:g}): {1e3 * train['median_s']:.1f} ms, "
+              f"{train['tokens_per_s']:,.0f} tokens/s "
               f"(non-padding), {train['tflops']:.3f} TFLOP/s (6 N tokens on FlaxBert's N), first call "
               f"{train['first_call_s']:.1f} s, peak {_fmt(peak, '.2f')} GiB")
     print(NOT_COMPARABLE)

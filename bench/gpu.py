@@ -23,6 +23,7 @@ Steps (in this order; one failing does not stop the others):
     flax457               bench_flax457.py --preset l24 --dtype bfloat16 --train (transformers 4.57 Flax), when an
                           interpreter with transformers 4.57 and a GPU jax is found
     flax457-cached        the same again, cache filled
+    flax457-dropout       its training step only, with dropout 0.1 (the anchor's setting), cache filled
     quant                 bench_quant.py --preset l24 --dtype bfloat16 --modes float,int8,int4 --cases b1,b32,b128
 
 Nothing is installed: the repository goes on PYTHONPATH, and the interpreter is this one (``bench/gpu.sh`` picks
@@ -111,6 +112,8 @@ def steps_for(flax_python: Optional[str], flax_why: str) -> list[Step]:
         Step("train-bf16-dropout", "train", "bench_train.py", train + ["--dropout", "0.1"]),
         Step("flax457", "flax457", "bench_flax457.py", flax, python=flax_python, skip=flax_skip),
         Step("flax457-cached", "flax457", "bench_flax457.py", flax, python=flax_python, skip=flax_skip),
+        Step("flax457-dropout", "flax457", "bench_flax457.py", flax + ["--cases", "none", "--dropout", "0.1"],
+             python=flax_python, skip=flax_skip),
         Step("quant", "quant", "bench_quant.py", quant),
     ]
 

@@ -4,7 +4,7 @@
 
 Reads ``manifest.json`` and the steps' JSON files (``generate-bf16.json``, ``generate-bf16-cached.json``,
 ``generate-fp32.json``, ``train-bf16.json``, ``train-bf16-cached.json``, ``train-bf16-dropout.json``,
-``flax457.json``, ``flax457-cached.json``, ``quant.json``); a missing file leaves its figures "not measured".
+``flax457.json``, ``flax457-cached.json``, ``flax457-dropout.json``, ``quant.json``); a missing file leaves its figures "not measured".
 Standard library only.
 
 Ratios are speed-ups of ours, so above 1 means ours is faster: the other engine's time / ours for ms/step, ours /
@@ -64,7 +64,7 @@ def load_run(run_dir: str) -> dict[str, Any]:
     run = {"manifest": load_json(os.path.join(run_dir, "manifest.json")) or {}}
     for name in ("generate-bf16", "generate-bf16-cached", "generate-bf16-stored", "generate-fp32",
                  "generate-fp32-cached", "train-bf16", "train-bf16-cached", "train-bf16-dropout", "flax457",
-                 "flax457-cached", "quant"):
+                 "flax457-cached", "flax457-dropout", "quant"):
         run[name] = load_json(os.path.join(run_dir, f"{name}.json"))
     return run
 
@@ -129,7 +129,8 @@ def figures(run: dict[str, Any]) -> dict[str, tuple[Optional[float], Optional[fl
     out["train_tflops"] = (_get(ours_t, "tflops"), _get(torch_t, "tflops"), flax_tflops(train, flax_t))
     drop = run.get("train-bf16-dropout")
     out["train_tflops_dropout"] = (_get(train_engine(drop, "bertgen_flax"), "tflops"),
-                                   _get(train_engine(drop, "transformers"), "tflops"), None)
+                                   _get(train_engine(drop, "transformers"), "tflops"),
+                                   flax_tflops(drop, (run.get("flax457-dropout") or {}).get("train")))
     out["train_first"] = (_get(ours_t, "first_call_s"), _get(torch_t, "first_call_s"), _get(flax_t, "first_call_s"))
     out["train_first_cached"] = (_get(train_engine(train_c, "bertgen_flax"), "first_call_s"), None,
                                  _get(flax_tc, "first_call_s"))

@@ -58,7 +58,11 @@ def run_dir(tmp_path):
                       xla_memory_bytes=dict(temp=30 * 2**30, arguments=9 * 2**30, outputs=9 * 2**30,
                                             aliased=9 * 2**30))]))
     _write(tmp_path / "train-bf16-dropout.json", dict(
+        environment=dict(shape=dict(batch=32, source=512, target=128), parameters_encoder=10**8,
+                         parameters_decoder=2 * 10**8),
         results=[dict(engine="transformers", tflops=180.0), dict(engine="bertgen_flax", tflops=360.0)]))
+    _write(tmp_path / "flax457-dropout.json", dict(results=[], train=dict(batch=32, source=512, target=128,
+                                                                          dropout=0.1, median_s=0.6, tflops=1.0)))
     return str(tmp_path)
 
 
@@ -85,7 +89,8 @@ def test_target_table_has_values_ratios_and_verdicts(run_dir):
     # 4.57 Flax on our parameter counts: 6 * (1e8 * 32 * 512 + 2e8 * 32 * 128) / 0.5 s = 29.5 TFLOP/s
     assert train[2:6] == ["460.0", "197.0", "2.34x", "29.5"] and train[-1] == "met"
     dropout = _row(table, "the same with dropout 0.1 (the anchors' setting), TFLOP/s")
-    assert dropout[2:6] == ["360.0", "180.0", "2.00x", "-"] and dropout[-1] == "**not met**"
+    # 4.57 Flax with dropout, on our parameter counts: 6 * (1e8 * 32 * 512 + 2e8 * 32 * 128) / 0.6 s = 24.6
+    assert dropout[2:7] == ["360.0", "180.0", "2.00x", "24.6", "14.65x"] and dropout[-1] == "**not met**"
     assert _row(table, "first call of the training step (compile), s, cache empty")[-1] == "**not met**"
 
 
@@ -205,3 +210,11 @@ def test_the_training_bench_names_a_bad_dropout_option(argv):
     with pytest.raises(SystemExit) as exit_info:
         bench_train.parse_args(argv)
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["--train", "--dropout", "1.0"], ["--train", "--dropout", "-0.1"],
+                                  ["--dropout", "0.1"]])
+def test_the_flax457_bench_names_a_bad_dropout_option(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_flax457.parse_args(argv)
+    assert exit_info.value.code == 2 and "--dropout" in capsys.readouterr().err
