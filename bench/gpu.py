@@ -32,6 +32,11 @@ Every child process gets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` and JAX's persi
 ``<run>/xla-cache`` (every program cached, however quick its compile), which starts empty, so a step's first
 calls show the cold compile time and its ``-cached`` twin shows the time with the cache filled.
 
+``--steps a,b`` runs those steps in the order given. ``--deadline SECONDS`` fits the run into a time-boxed lease:
+each step may run only for what is left (less 15 s for the summary), a step is not started with under 45 s left
+(its status says "skipped (out of time ...)"), and SUMMARY.md covers whatever finished. Put the steps that matter
+most first, e.g. ``--steps generate-bf16,train-bf16,generate-bf16-cached,train-bf16-cached --deadline 560``.
+
 The tiny mode (``BERTGEN_GPU_BENCH_TINY=1`` or ``--tiny``) appends shape overrides (hidden 64, 1+1 layers,
 vocab 500, ...) and ``--runs 1`` to the very same commands, and lifts the GPU requirement; its SUMMARY.md says
 it is a rehearsal.
@@ -61,6 +66,8 @@ import gpu_summary  # noqa: E402
 REPO = _machine.REPO_ROOT
 TINY_ENV = "BERTGEN_GPU_BENCH_TINY"
 TIMEOUT_ENV = "BERTGEN_GPU_BENCH_STEP_TIMEOUT"  # seconds per step (default 5400)
+RESERVE_S = 15.0    # --deadline: kept back for the manifest and SUMMARY.md
+MIN_STEP_S = 45.0   # --deadline: no step is started with less left (a model load alone takes longer)
 
 # The tiny rehearsal: appended to the real commands (argparse keeps the last value of a flag).
 TINY_MODEL = ["--hidden", "64", "--encoder-layers", "1", "--decoder-layers", "1", "--heads", "2",
@@ -241,13 +248,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", metavar="DIR", help="run folder (default: out/gpu-<UTC date-time>, tiny-... in tiny "
                                                  "mode)")
     p.add_argument("--tiny", action="store_true", help=f"tiny shapes, runs 1, no GPU needed (or {TINY_ENV}=1)")
-    p.add_argument("--steps", help="comma-separated subset of step names (default: all)")
+    p.add_argument("--steps", help="comma-separated step names, run in the order given (default: all, in the "
+                                   "order above; a -cached step belongs after its cold twin)")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="wall-clock budget of the whole run: a step gets at most what is left (less "
+                        f"{RESERVE_S:.0f} s for the summary) and is skipped when under {MIN_STEP_S:.0f} s are left")
     p.add_argument("--summarise", metavar="RUN_DIR", help="only (re)write RUN_DIR/SUMMARY.md and print it")
     p.add_argument("--probe-device", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.deadline is not None and args.deadline <= RESERVE_S:
+        p.error(f"--deadline must be more than {RESERVE_S:.0f} s, got {args.deadline:g}")
+    return args
+
+
+def step_budget(timeout_s: float, deadline_s: Optional[float], elapsed_s: float) -> Optional[float]:
+    """Seconds a step may run: the per-step timeout, cut to what ``deadline_s`` leaves after ``elapsed_s`` (less
+    the summary's reserve); None when that is under ``MIN_STEP_S``, so the step is not started."""
+    if deadline_s is None:
+        return timeout_s
+    left = deadline_s - elapsed_s - RESERVE_S
+    return None if left < MIN_STEP_S else min(timeout_s, left)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.probe_device:
         return probe_device()
@@ -300,7 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if unknown:
             print(f"unknown --steps {unknown}; choose from {', '.join(s.name for s in steps)}", file=sys.stderr)
             return 2
-        steps = [s for s in steps if s.name in wanted]
+        by_name = {s.name: s for s in steps}
+        steps = [by_name[name] for name in dict.fromkeys(wanted)]  # the order given, each step once
     manifest = dict(stamp=stamp, date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     tiny=tiny, run_dir=run_dir, repo=REPO, command=" ".join([sys.executable] + sys.argv),
                     device=device, flax457=dict(python=flax_python, info=flax_info, skipped=flax_why or None),
@@ -323,8 +348,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return sorted(done, key=lambda r: order.index(r["name"]) if r.get("name") in order else len(order))
 
     for step in steps:
+        budget = step_budget(timeout_s, args.deadline, time.perf_counter() - started)
+        if budget is None and not step.skip:
+            step.skip = (f"out of time: --deadline {args.deadline:g} s, "
+                         f"{time.perf_counter() - started:.0f} s spent before it")
         try:
-            run_step(step, run_dir, env, tiny, timeout_s)
+            run_step(step, run_dir, env, tiny, budget or timeout_s)
         except Exception as e:  # noqa: BLE001 - one step's trouble must not stop the others
             step.status = f"failed to start ({type(e).__name__}: {e})"
             print(f"=== {step.name}: {step.status}", flush=True)

@@ -119,6 +119,34 @@ def test_flax457_interpreter_search_says_why_it_skips(tmp_path):
     assert python is None and "not found" in why
 
 
+def test_gpu_driver_budget_cuts_a_step_to_the_deadline_and_skips_when_too_little_is_left():
+    import gpu
+    assert gpu.step_budget(5400.0, None, 1000.0) == 5400.0
+    assert gpu.step_budget(5400.0, 600.0, 100.0) == 600.0 - 100.0 - gpu.RESERVE_S
+    assert gpu.step_budget(120.0, 600.0, 100.0) == 120.0
+    assert gpu.step_budget(5400.0, 600.0, 600.0 - gpu.RESERVE_S - gpu.MIN_STEP_S + 1) is None
+
+
+def test_gpu_driver_runs_steps_in_the_order_given_and_skips_those_past_the_deadline(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, BERTGEN_GPU_BENCH_TINY="1")
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu.py"), "--out", str(out),
+                           "--steps", "train-bf16,generate-bf16", "--deadline", "20"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.index("=== train-bf16:") < proc.stdout.index("=== generate-bf16:")
+    steps = {s["name"]: s["status"] for s in json.loads((out / "manifest.json").read_text())["steps"]}
+    assert set(steps) == {"train-bf16", "generate-bf16"}
+    assert all(status.startswith("skipped (out of time: --deadline 20 s") for status in steps.values())
+
+
+def test_gpu_driver_names_a_deadline_too_short_for_its_summary(capsys):
+    import gpu
+    with pytest.raises(SystemExit) as exit_info:
+        gpu.parse_args(["--deadline", "10"])
+    assert exit_info.value.code == 2 and "--deadline" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_gpu_driver_rehearses_every_step_with_tiny_shapes(tmp_path):
     """The whole one-command GPU run with BERTGEN_GPU_BENCH_TINY=1 on the CPU (a few minutes)."""
