@@ -308,8 +308,9 @@ def bench_train(model: Any, params: Any, args: argparse.Namespace) -> dict[str, 
     t = statistics.median(runs_s)
     b = shape.batch
     tokens = int(batch["attention_mask"].sum() + (batch["labels"] != -100).sum())
-    r = dict(batch=b, source=shape.source, target=shape.target, dropout=args.dropout, first_call_s=first, runs_s=runs_s, median_s=t,
-             compile_s=first - t, losses=losses, parameters=n_all, parameters_encoder=n_enc, parameters_decoder=n_dec,
+    r = dict(batch=b, source=shape.source, target=shape.target, dropout=args.dropout, first_call_s=first,
+             runs_s=runs_s, median_s=t, compile_s=first - t, losses=losses, parameters=n_all,
+             parameters_encoder=n_enc, parameters_decoder=n_dec,
              tokens_per_s=tokens / t, padded_tokens_per_s=b * (shape.source + shape.target) / t,
              tflops=6 * (n_enc * b * shape.source + n_dec * b * shape.target) / t / 1e12,
              other_cores=others, peak_memory_bytes=_machine.jax_peak_bytes())

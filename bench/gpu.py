@@ -23,7 +23,8 @@ Steps (in this order; one failing does not stop the others):
     flax457               bench_flax457.py --preset l24 --dtype bfloat16 --train (transformers 4.57 Flax), when an
                           interpreter with transformers 4.57 and a GPU jax is found
     flax457-cached        the same again, cache filled
-    flax457-dropout       its training step only, with dropout 0.1 (the anchor's setting), cache filled
+    flax457-dropout       its training step only, with dropout 0.1 (the anchor's setting; a program of its
+                          own, so its first call compiles)
     quant                 bench_quant.py --preset l24 --dtype bfloat16 --modes float,int8,int4 --cases b1,b32,b128
 
 Nothing is installed: the repository goes on PYTHONPATH, and the interpreter is this one (``bench/gpu.sh`` picks

@@ -4,8 +4,8 @@
 
 Reads ``manifest.json`` and the steps' JSON files (``generate-bf16.json``, ``generate-bf16-cached.json``,
 ``generate-fp32.json``, ``train-bf16.json``, ``train-bf16-cached.json``, ``train-bf16-dropout.json``,
-``flax457.json``, ``flax457-cached.json``, ``flax457-dropout.json``, ``quant.json``); a missing file leaves its figures "not measured".
-Standard library only.
+``flax457.json``, ``flax457-cached.json``, ``flax457-dropout.json``, ``quant.json``); a missing file leaves its
+figures "not measured". Standard library only.
 
 Ratios are speed-ups of ours, so above 1 means ours is faster: the other engine's time / ours for ms/step, ours /
 the other's for tokens/s and TFLOP/s. transformers 4.57 Flax is FlaxBert, not BertGeneration (see
