@@ -768,6 +768,7 @@ def cross_entropy(logits: Array, labels: Array, ignore_index: int = -100) -> Arr
 
 def shift_tokens_right(labels: Array, pad_token_id: int, decoder_start_token_id: int) -> Array:
     """Decoder inputs from labels: start token first, labels shifted right, -100 replaced by pad."""
+    labels = jnp.asarray(labels)  # numpy int64 labels become jax's int32 here, quietly (x64 off)
     shifted = jnp.concatenate(
         [jnp.full((labels.shape[0], 1), decoder_start_token_id, labels.dtype), labels[:, :-1]], axis=1)
     return jnp.where(shifted == -100, pad_token_id, shifted)

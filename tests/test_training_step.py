@@ -1,6 +1,7 @@
 """The training step: gradients equal transformers' PyTorch gradients; sharded steps equal one-device steps."""
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,15 @@ def test_an_unknown_remat_policy_is_named(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="unknown remat policy 'some'"):
         seq2seq_logits(ours.module.clone(remat="some"), ours.params, _batch())
+
+
+def test_numpy_int64_labels_become_decoder_inputs_without_a_dtype_warning():
+    from bertgen_flax.modeling import shift_tokens_right
+    labels = np.array([[5, 6, 7], [8, -100, -100]], dtype=np.int64)  # what tokenizers and numpy give
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shifted = shift_tokens_right(labels, pad_token_id=0, decoder_start_token_id=2)
+    np.testing.assert_array_equal(np.asarray(shifted), [[2, 5, 6], [2, 8, 0]])
 
 
 def test_label_smoothing_equals_torch_cross_entropy():
