@@ -127,6 +127,17 @@ def apply_shape_args(args: argparse.Namespace, preset: Any) -> Any:
     return dataclasses.replace(preset, **overrides)
 
 
+def dropout_rate(text: str) -> float:
+    """``--dropout``'s argparse type: a probability in [0, 1) (1 would drop everything)."""
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = float("nan")  # fails the range check below, with the same message
+    if not 0.0 <= rate < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
+    return rate
+
+
 def shape_flags(shape: Any) -> list[str]:
     """The command-line flags that reproduce ``shape`` exactly (for a script run in a subprocess)."""
     flags = []

@@ -149,7 +149,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--train-target", type=int, help="training target length (default: the preset's)")
     p.add_argument("--train-runs", type=int, default=5, help="timed training steps (median reported)")
     p.add_argument("--train-warmup", type=int, default=2, help="untimed steps after the first call")
-    p.add_argument("--dropout", type=float, default=0.0,
+    p.add_argument("--dropout", type=_workload.dropout_rate, default=0.0,
                    help="hidden and attention dropout of the training step (default 0; generation never drops)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -168,8 +168,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--cases {bad}: choose from {', '.join(GREEDY)} (its beam search is not comparable)")
     if not args.case_keys and not args.train:
         p.error("nothing to do: give --cases or --train")
-    if not 0.0 <= args.dropout < 1.0:
-        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.dropout and not args.train:
         p.error("--dropout applies to the training step only: give --train")
     if min(args.runs, args.warmup, args.train_runs, args.train_warmup) < 1:

@@ -59,6 +59,7 @@ if _BENCH_DIR not in sys.path:  # `bertgen bench` runs this file with runpy, whi
     sys.path.insert(0, _BENCH_DIR)
 import _machine  # noqa: E402  (bench/: machine helpers shared by the benchmark scripts)
 from _workload import DECODER_START, EOS, PAD, add_shape_args, apply_shape_args, make_batch  # noqa: E402,F401
+from _workload import dropout_rate  # noqa: E402
 from _workload import FIRST_SOURCE_ID as FIRST_ID  # noqa: E402
 from _workload import TRAIN_PRESETS as PRESETS  # noqa: E402
 from _workload import TrainShape as Shape  # noqa: E402
@@ -150,7 +151,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="our layers' activations recomputed in the backward pass (model.remat in a training "
                         "config): less memory, more compute")
-    p.add_argument("--dropout", type=float, default=0.0,
+    p.add_argument("--dropout", type=dropout_rate, default=0.0,
                    help="hidden and attention dropout of both engines (default 0: the check compares the steps)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the weights; numpy seed for the batch")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -161,8 +162,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if not args.scan_unroll.isdigit() or int(args.scan_unroll) < 1:
             p.error(f"--scan-unroll must be 'auto', 'all' or a number >= 1, got {args.scan_unroll!r}")
         args.scan_unroll = int(args.scan_unroll)
-    if not 0.0 <= args.dropout < 1.0:
-        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.runs < 1 or args.warmup < 1:
         p.error("--runs and --warmup must be >= 1")
     if min(dataclasses.astuple(s)) < 1:
@@ -436,7 +435,8 @@ def print_environment(env: dict[str, Any]) -> None:
     print(f"model: preset {env['preset']}, hidden {s['hidden']}, layers {s['encoder_layers']}+{s['decoder_layers']}, "
           f"heads {s['heads']}, intermediate {s['intermediate']}, vocab {s['vocab']}; batch {s['batch']}, source "
           f"{s['source']} / target {s['target']} tokens, ragged; dropout {env['dropout']:g}; AdamW lr {LR}, "
-          f"wd {WEIGHT_DECAY}, eps {EPS}, no clipping; median of {env['runs']} after first call + {env['warmup']} warm-up")
+          f"wd {WEIGHT_DECAY}, eps {EPS}, no clipping; median of {env['runs']} after first call + "
+          f"{env['warmup']} warm-up")
     print(f"ours:  layers {env['layers']}, scan_unroll {env['scan_unroll']}, remat {env['remat']}")
 
 

@@ -50,16 +50,16 @@ def run_dir(tmp_path):
                                                          first_call_s=22.0, peak_memory_bytes=None)],
                                            train=dict(batch=32, source=512, target=128, median_s=0.5,
                                                       first_call_s=160.0, tflops=1.0, peak_memory_bytes=None)))
+    train_env = dict(shape=dict(batch=32, source=512, target=128), parameters_encoder=10**8,
+                     parameters_decoder=2 * 10**8)
     _write(tmp_path / "train-bf16.json", dict(
-        environment=dict(shape=dict(batch=32, source=512, target=128), parameters_encoder=10**8,
-                         parameters_decoder=2 * 10**8),
+        environment=train_env,
         results=[dict(engine="transformers", tflops=197.0, first_call_s=3.0, median_s=0.234),
                  dict(engine="bertgen_flax", tflops=460.0, first_call_s=40.0, median_s=0.1,
                       xla_memory_bytes=dict(temp=30 * 2**30, arguments=9 * 2**30, outputs=9 * 2**30,
                                             aliased=9 * 2**30))]))
     _write(tmp_path / "train-bf16-dropout.json", dict(
-        environment=dict(shape=dict(batch=32, source=512, target=128), parameters_encoder=10**8,
-                         parameters_decoder=2 * 10**8),
+        environment=train_env,
         results=[dict(engine="transformers", tflops=180.0), dict(engine="bertgen_flax", tflops=360.0)]))
     _write(tmp_path / "flax457-dropout.json", dict(results=[], train=dict(batch=32, source=512, target=128,
                                                                           dropout=0.1, median_s=0.6, tflops=1.0)))
@@ -232,16 +232,16 @@ def test_the_training_bench_times_both_engines_with_dropout_and_skips_the_check(
     assert "check: skipped (dropout" in printed and "| step ms (median of 1) |" in printed
 
 
-@pytest.mark.parametrize("argv", [["--dropout", "1.0"], ["--dropout", "-0.1"]])
-def test_the_training_bench_names_a_bad_dropout_option(argv):
+@pytest.mark.parametrize("argv", [["--dropout", "1.0"], ["--dropout", "-0.1"], ["--dropout", "ten"]])
+def test_the_training_bench_names_a_bad_dropout_option(argv, capsys):
     import bench_train
     with pytest.raises(SystemExit) as exit_info:
         bench_train.parse_args(argv)
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 2 and "--dropout: must be a number in [0, 1)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--train", "--dropout", "1.0"], ["--train", "--dropout", "-0.1"],
-                                  ["--dropout", "0.1"]])
+                                  ["--train", "--dropout", "ten"], ["--dropout", "0.1"]])
 def test_the_flax457_bench_names_a_bad_dropout_option(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_flax457.parse_args(argv)
