@@ -19,7 +19,8 @@ at 21 GB/s with 1 row, 10 GB/s with 8 and 4.6 GB/s with 32, while PyTorch's MKL 
 - ``beam_candidates``: beam search's log-softmax, running scores and top candidates, each row read in L1 cache
   and only the candidates written.
 - ``quantized_matmul`` / ``quantized_matmul_nt``: int8 and packed int4 weights widened in registers (few rows),
-  or widened while the packed product packs them (more rows).
+  or widened while the packed product packs them (more rows); ``packed_quantized_dense``: integer weights packed
+  once into panels (``pack_kernels``) and widened in registers by the packed product.
 
 They run on the CPU, for float32, when the kernels are built; otherwise, and on every other platform (through
 ``jax.lax.platform_dependent``), XLA's operations run. Results agree with XLA's to float32 rounding. Under
@@ -58,7 +59,8 @@ _TARGETS = ("bertgen_matmul_nn", "bertgen_matmul_nt", "bertgen_matmul_nn_i8", "b
             "bertgen_matmul_nn_i4", "bertgen_attend_one", "bertgen_gemm_nn", "bertgen_gemm_nn_bias",
             "bertgen_reorder_rows", "bertgen_gemm_packed", "bertgen_argmax_rows",
             "bertgen_pack_panels", "bertgen_beam_candidates", "bertgen_gemm_nn_i8", "bertgen_gemm_nn_i4",
-            "bertgen_gemm_nt_i8", "bertgen_layer_norm", "bertgen_add_layer_norm")
+            "bertgen_gemm_nt_i8", "bertgen_layer_norm", "bertgen_add_layer_norm", "bertgen_gemm_packed_i8",
+            "bertgen_gemm_packed_i4")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -194,7 +196,7 @@ def quantized_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Callable
     """x [..., K] @ a weight-only quantized kernel in quantization.py's forms: int8 q [K, N] with column scales
     [N], or packed int4 q [K/2, N] with group scales [K/g, N]; ``xla(x, q, scale)`` elsewhere. Up to
     ``QUANTIZED_MAX_ROWS`` rows the streaming kernels widen in registers; above, the packed product widens the
-    weight while packing its panels."""
+    weight while packing its panels (generation packs them once instead: ``pack_kernels``)."""
     kind = "i4" if q.dtype == jnp.uint8 else "i8"
     packed = _rows(x) > QUANTIZED_MAX_ROWS
     target = f"bertgen_{'gemm' if packed else 'matmul'}_nn_{kind}"
@@ -484,13 +486,45 @@ def pack_table(e: jax.Array) -> jax.Array:
     return _pack(e, transposed=True)
 
 
+def _panels(w: jax.Array, fill: int = 0) -> jax.Array:
+    """w [rows, N] of any dtype (or stacked [L, rows, N]) as panels [P, rows, width], columns past N = ``fill``:
+    the packed products' layout for integer weights and their group scales (XLA's pad and transpose; done once
+    per model, outside the steps)."""
+    if not available():  # the panel width is the built library's
+        raise RuntimeError("packing weights needs the CPU kernels, which are not available in this process")
+    if w.ndim == 3:
+        return jnp.stack([_panels(layer, fill) for layer in w])
+    rows, n = w.shape
+    p = -(-n // _PANEL)
+    return jnp.pad(w, ((0, 0), (0, p * _PANEL - n)), constant_values=fill).reshape(rows, p, _PANEL).transpose(1, 0, 2)
+
+
+_INT4_ZERO = 0x88  # a packed int4 byte holding two zeros (each nibble stores q + 8)
+
+
+def _pack_quantized(node: dict) -> dict:
+    """A quantized Dense subtree with its ``qkernel`` replaced by panels ``pqkernel`` (int8 [P, in, width], or
+    packed int4 [P, in / 2, width] with its group scales as ``pqscale`` [P, in / g, width])."""
+    out = {k: v for k, v in node.items() if k != "qkernel"}
+    q = node["qkernel"]
+    if q.dtype == jnp.uint8:
+        out["pqkernel"], out["pqscale"] = _panels(q, _INT4_ZERO), _panels(node["qscale"])
+    else:
+        out["pqkernel"] = _panels(q)
+    return out
+
+
 def pack_kernels(tree: Any, tied_table: bool, select: Callable[[tuple], bool] = lambda path: True,
                  path: tuple = ()) -> Any:
     """``tree`` with every float32 Dense ``kernel`` (2-D, or stacked 3-D) under a module path that ``select``
-    accepts replaced by its ``pkernel``; with ``tied_table``, a selected ``word_embeddings`` table also gets a
-    ``pembedding`` (the tied LM head's layout). Leaves already packed are kept."""
+    accepts replaced by its ``pkernel``, and every quantized one (``qkernel``) by its ``pqkernel`` (see
+    ``_pack_quantized``); with ``tied_table``, a selected ``word_embeddings`` table also gets a ``pembedding``
+    (float) or ``pqembedding`` (int8): the tied LM head's layout. Leaves already packed are kept."""
     if not isinstance(tree, dict):
         return tree
+    if (getattr(tree.get("qkernel"), "ndim", 0) in (2, 3) and tree["qkernel"].dtype in (jnp.int8, jnp.uint8)
+            and select(path)):
+        return _pack_quantized(tree)
     out = {}
     for key, value in tree.items():
         if (key == "kernel" and getattr(value, "ndim", 0) in (2, 3) and value.dtype == jnp.float32
@@ -498,9 +532,11 @@ def pack_kernels(tree: Any, tied_table: bool, select: Callable[[tuple], bool] = 
             out["pkernel"] = pack_kernel(value)
         elif isinstance(value, dict):
             out[key] = pack_kernels(value, tied_table, select, path + (key,))
-            if (key == "word_embeddings" and tied_table and select(path + (key,)) and "pembedding" not in value
-                    and getattr(value.get("embedding"), "dtype", None) == jnp.float32):
-                out[key] = dict(out[key], pembedding=pack_table(value["embedding"]))
+            if key == "word_embeddings" and tied_table and select(path + (key,)):
+                if ("pembedding" not in value and getattr(value.get("embedding"), "dtype", None) == jnp.float32):
+                    out[key] = dict(out[key], pembedding=pack_table(value["embedding"]))
+                elif "pqembedding" not in value and getattr(value.get("qembedding"), "dtype", None) == jnp.int8:
+                    out[key] = dict(out[key], pqembedding=_panels(jnp.swapaxes(value["qembedding"], -1, -2)))
         else:
             out[key] = value
     return out
@@ -550,7 +586,8 @@ def _packed_tree(params: dict, steps: bool, tied_table: bool, fuse: bool, unstac
 
 
 class PackedWeights:
-    """An encoder-decoder's float32 weights packed for the CPU kernels once, not on every generate call.
+    """An encoder-decoder's float32 (or int8 / int4) weights packed for the CPU kernels once, not on every generate
+    call.
 
     ``get(params, steps, tied_table, unstack)`` returns ``params`` with the products that run once per call
     (the encoder's, the cross-attention keys and values) packed, the decoder's self-attention projections fused
@@ -604,6 +641,41 @@ def packed_dense(x: jax.Array, wp: jax.Array, b: jax.Array, n: int, activation: 
     else:
         cpu = lambda x, wp, b: _call("bertgen_gemm_packed", x, (wp, b), n, act=np.int64(code))
     return jax.lax.platform_dependent(x, wp, b, cpu=cpu, default=xla)
+
+
+def packed_quantized_dense(x: jax.Array, wp: jax.Array, scale: jax.Array, b: jax.Array, n: int,
+                           activation: Optional[Callable] = None, heads: int = 0) -> jax.Array:
+    """``activation(x @ w + b)`` [..., n] for a quantized weight packed by ``pack_kernels``: int8 panels ``wp``
+    [P, in, width] with column scales ``scale`` [n], or packed int4 panels [P, in / 2, width] with their group
+    scales [P, in / g, width]; ``heads`` as in ``packed_dense``. The packed product widens the integers in
+    registers and applies the scales, bias and activation in its epilogue. Inference only."""
+    code = 0 if activation is None else getattr(activation, "kernel_code", None)
+    int4 = wp.dtype == jnp.uint8
+
+    def xla(x, wp, scale, b):
+        if int4:  # [P, in / 2, width] -> [P, in, width], times each group's scales
+            from .quantization import unpack_int4
+            q = unpack_int4(wp).astype(x.dtype)
+            g = q.shape[1] // scale.shape[1]
+            w = (q.reshape(q.shape[0], scale.shape[1], g, -1) * scale[:, :, None, :]).reshape(q.shape)
+            y = jnp.einsum("...k,pkj->...pj", x, w).reshape(*x.shape[:-1], -1)[..., :n]
+        else:
+            y = jnp.einsum("...k,pkj->...pj", x, wp.astype(x.dtype)).reshape(*x.shape[:-1], -1)[..., :n] * scale
+        y = y + b
+        y = y if activation is None else activation(y)
+        return y.reshape(*y.shape[:2], heads, -1).transpose(0, 2, 1, 3) if heads else y
+    if code is None or not (x.dtype == scale.dtype == b.dtype == jnp.float32 and wp.shape[-1] == _PANEL
+                            and _usable(x, wp[0], _NO_LIMIT, (jnp.int8, jnp.uint8))) or (
+            heads and (x.ndim != 3 or n % heads or (n // heads) % _PANEL)):
+        return xla(x, wp, scale, b)
+    target = "bertgen_gemm_packed_i4" if int4 else "bertgen_gemm_packed_i8"
+    if heads:
+        shape = jax.ShapeDtypeStruct((x.shape[0], heads, x.shape[1], n // heads), jnp.float32)
+        cpu = lambda x, wp, s, b: jax.ffi.ffi_call(target, shape, vmap_method="sequential")(
+            x.reshape(-1, x.shape[-1]), wp, s, b, act=np.int64(code))
+    else:
+        cpu = lambda x, wp, s, b: _call(target, x, (wp, s, b), n, act=np.int64(code))
+    return jax.lax.platform_dependent(x, wp, scale, b, cpu=cpu, default=xla)
 
 
 def argmax_rows(x: jax.Array, xla: Callable[[jax.Array], jax.Array]) -> jax.Array:

@@ -156,10 +156,16 @@ class Dense(nn.Module):
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
-        if self.has_variable("params", "pkernel"):  # packed for generation (cpu_kernels.pack_kernels)
-            y = cpu_kernels.packed_dense(x.astype(self.dtype), self.get_variable("params", "pkernel"),
-                                         jnp.zeros((self.features,), self.dtype) if bias is None else bias,
-                                         self.features, activation, heads)
+        if self.has_variable("params", "pkernel") or self.has_variable("params", "pqkernel"):
+            # packed for generation (cpu_kernels.pack_kernels): float32 or quantized panels
+            b = jnp.zeros((self.features,), self.dtype) if bias is None else bias
+            if self.has_variable("params", "pkernel"):
+                y = cpu_kernels.packed_dense(x.astype(self.dtype), self.get_variable("params", "pkernel"), b,
+                                             self.features, activation, heads)
+            else:
+                scale = self.get_variable("params", "pqscale" if self.has_variable("params", "pqscale") else "qscale")
+                y = cpu_kernels.packed_quantized_dense(x.astype(self.dtype), self.get_variable("params", "pqkernel"),
+                                                       scale, b, self.features, activation, heads)
             if heads:
                 return y                                                           # [B, N, S, D]
             activation = None
@@ -211,6 +217,11 @@ class Embed(nn.Module):
 
     def attend(self, h: Array, bias: Optional[Array] = None) -> Array:
         """h [B, T, features] @ table^T (+ bias [num]) -> [B, T, num]."""
+        if self.has_variable("params", "pqembedding"):  # an int8 table packed for a generate call's steps
+            return cpu_kernels.packed_quantized_dense(
+                h.astype(self.dtype), self.get_variable("params", "pqembedding"),
+                self.get_variable("params", "qscale"),
+                jnp.zeros((self.num_embeddings,), self.dtype) if bias is None else bias, self.num_embeddings)
         if self._quantized():
             logits = quantization.quantized_attend(h, self.get_variable("params", "qembedding"),
                                                    self.get_variable("params", "qscale"), self.dtype)

@@ -693,7 +693,7 @@ class EncoderDecoderModel(PretrainedModel):
         steps, the same tokens. On the CPU the encoder runs on the sources' real tokens only (padding skipped),
         their number rounded up to one of ``packing_buckets`` sizes per batch and source bucket (default
         ``generation.PACKING_BUCKETS``, 16, on the CPU and 0 elsewhere; each size compiles once; 0 runs the
-        padded batch). There, too, float32 weights are kept packed for the CPU kernels between calls
+        padded batch). There, too, float32 and quantized weights are kept packed for the CPU kernels between calls
         (``cpu_kernels.PackedWeights``: a second copy of the encoder's, the cross-attention keys' and values' and
         the decoder's self-attention projections, of all the decoder's once a call has 9 or more sequences, and
         of a scanned model's decoder unstacked);

@@ -472,6 +472,78 @@ def test_packed_products_write_keys_and_values_head_major(kernels):
     assert "bertgen_gemm_packed" in hlo and "transpose" not in hlo
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("m,k,n", [(9, 64, 40), (32, 256, 256), (33, 256, 300), (130, 1024, 300), (2000, 256, 64),
+                                   (12, 6, 70)])
+def test_quantized_weights_packed_once_are_widened_in_registers_with_bias_and_gelu(kernels, mode, m, k, n):
+    from bertgen_flax import modeling, quantization
+    rng = np.random.default_rng(m + k + n)
+    w, x, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((k, n), (m, k), (n,)))
+    q, s = quantization.quantize_int8(w) if mode == "int8" else quantization.quantize_int4(w, 128)
+    dense = cpu_kernels.pack_kernels({"d": {"qkernel": q, "qscale": s, "bias": b}}, False)["d"]
+    assert "qkernel" not in dense and dense["pqkernel"].dtype == q.dtype                # the integers, in panels
+    assert dense["pqkernel"].shape == (-(-n // cpu_kernels._PANEL), q.shape[0], cpu_kernels._PANEL)
+    scale = dense["pqscale"] if mode == "int4" else dense["qscale"]
+    y = np.asarray(x, np.float64) @ np.asarray(quantization.dequantize_kernel(q, s), np.float64) + b
+    for act, want in ((None, y), (modeling.ACTIVATIONS["gelu"], _gelu64(y))):
+        fn = jax.jit(lambda x, p, s, b: cpu_kernels.packed_quantized_dense(x, p, s, b, n, act))
+        assert f"bertgen_gemm_packed_{'i8' if mode == 'int8' else 'i4'}" in fn.lower(
+            x, dense["pqkernel"], scale, b).as_text()
+        got = np.asarray(fn(x, dense["pqkernel"], scale, b))
+        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_packed_quantized_keys_and_values_come_out_head_major(kernels, mode):
+    from bertgen_flax import quantization
+    rng = np.random.default_rng(32)
+    heads, dh = 3, cpu_kernels._PANEL
+    x = rng.standard_normal((2, 11, 40), np.float32)
+    w, b = rng.standard_normal((40, heads * dh), np.float32), rng.standard_normal(heads * dh).astype(np.float32)
+    q, s = quantization.quantize_int8(w) if mode == "int8" else quantization.quantize_int4(w, 20)
+    dense = cpu_kernels.pack_kernels({"d": {"qkernel": q, "qscale": s, "bias": b}}, False)["d"]
+    scale = dense.get("pqscale", dense["qscale"])
+    fn = jax.jit(lambda x, p, s, b: cpu_kernels.packed_quantized_dense(x, p, s, b, heads * dh, heads=heads))
+    got = np.asarray(fn(x, dense["pqkernel"], scale, b))                                # [B, N, S, D]
+    flat = np.asarray(x, np.float64) @ np.asarray(quantization.dequantize_kernel(q, s), np.float64) + b
+    want = flat.reshape(2, 11, heads, dh).transpose(0, 2, 1, 3)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    assert "transpose" not in fn.lower(x, dense["pqkernel"], scale, b).as_text()
+
+
+def test_an_int8_table_packed_for_the_tied_head_gives_its_logits(kernels):
+    from bertgen_flax import quantization
+    rng = np.random.default_rng(6)
+    table, h, bias = (rng.standard_normal(shape).astype(np.float32) for shape in ((8000, 256), (32, 1, 256), (8000,)))
+    q, s = quantization.quantize_int8(table, axis=-1)
+    tree = cpu_kernels.pack_kernels({"word_embeddings": {"qembedding": q, "qscale": s}}, True)["word_embeddings"]
+    assert tree["qembedding"] is q and tree["pqembedding"].dtype == jnp.int8            # lookups keep the table
+    fn = jax.jit(lambda h, p, s, b: cpu_kernels.packed_quantized_dense(h, p, s, b, 8000))
+    want = np.asarray(h, np.float64) @ (np.asarray(q, np.float64) * np.asarray(s, np.float64)[:, None]).T + bias
+    got = np.asarray(fn(h, tree["pqembedding"], s, bias))
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    assert "bertgen_gemm_packed_i8" in fn.lower(h, tree["pqembedding"], s, bias).as_text()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_packs_its_integer_weights_once_and_keeps_the_tokens(kernels, tmp_path, mode):
+    from conftest import seq2seq_checkpoint
+    import bertgen_flax as bg
+    seq2seq_checkpoint(str(tmp_path / "m"), enc=dict(hidden_size=64, intermediate_size=128),
+                       dec=dict(hidden_size=64, intermediate_size=128))
+    model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "m"), scan_layers=False).quantize(mode)
+    ids, mask = _generate_inputs(12)   # 12 rows: the decoder's steps read packed panels too
+    kw = dict(max_new_tokens=6, min_new_tokens=6)
+    first = np.asarray(model.generate(ids, mask, **kw))
+    tree = model._packed._trees[(True, True, True, False)]
+    leaves = {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    assert not any(p.endswith("/qkernel") for p in leaves)                            # every product packed
+    assert leaves["encoder/encoder/layer_0/intermediate/dense/pqkernel"].dtype == (
+        jnp.int8 if mode == "int8" else jnp.uint8)
+    assert leaves["decoder/bert/embeddings/word_embeddings/pqembedding"].dtype == jnp.int8
+    np.testing.assert_array_equal(first, np.asarray(model.generate(ids, mask, pack_weights=False, **kw)))
+
+
 def _generate_inputs(batch: int):
     rng = np.random.default_rng(batch)
     ids = rng.integers(5, 90, (batch, 7)).astype(np.int32)
@@ -614,6 +686,16 @@ def test_the_new_kernels_name_what_they_expect_when_shapes_mismatch(kernels):
     with pytest.raises(Exception, match=r"bertgen_beam_candidates: expects x \[B, K, V\].*1 <= C <= K \* V"):
         jax.block_until_ready(jax.jit(candidates)(jnp.ones((2, 2, 4)), jnp.ones((2, 2)), jnp.ones(1, jnp.int32),
                                                   jnp.zeros((), jnp.int32)))
+    panel = cpu_kernels._PANEL
+    for target, wp, scale, message in (
+            ("bertgen_gemm_packed_i8", jnp.ones((1, 4, panel), jnp.int8), jnp.ones(4),
+             r"bertgen_gemm_packed_i8: expects x \[M, K\], int8 panels \[P, K, panel width"),
+            ("bertgen_gemm_packed_i4", jnp.ones((1, 2, panel), jnp.uint8), jnp.ones((1, 3, panel)),
+             r"bertgen_gemm_packed_i4: expects x \[M, K\], int4 panels \[P, K / 2, panel width.*even g")):
+        fn = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((2, 5), jnp.float32))
+        with pytest.raises(Exception, match=message):   # scales of 4 columns for a bias of 5 / 3 groups of K = 4
+            jax.block_until_ready(jax.jit(lambda *a: fn(*a, act=np.int64(0)))(jnp.ones((2, 4)), wp, scale,
+                                                                                jnp.ones(5)))
     int4 = jax.ffi.ffi_call("bertgen_gemm_nn_i4", jax.ShapeDtypeStruct((20, 3), jnp.float32))
     with pytest.raises(Exception, match=r"bertgen_gemm_nn_i4: expects x \[M, K\], packed q \[K/2, N\]"):
         jax.block_until_ready(jax.jit(int4)(jnp.ones((20, 6)), jnp.ones((2, 3), jnp.uint8), jnp.ones((1, 3))))

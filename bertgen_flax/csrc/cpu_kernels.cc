@@ -16,6 +16,7 @@
 //   bertgen_gemm_nt_i8     y[M, N] = x[M, K] @ q[N, K]^T      an int8 table, 9 rows and up
 //   bertgen_gemm_nn_bias   y = act(x @ w + b)                 y [M, N] or head-major [M / S, N / D, S, D]
 //   bertgen_gemm_packed    y = act(x @ w + b)                 w packed beforehand (bertgen_pack_panels)
+//   bertgen_gemm_packed_i8/i4  the same from int8 / packed int4 panels (packed once), widened in registers
 //   bertgen_pack_panels    w [K, N] or [N, K] -> [P, K, panel width]
 //   bertgen_attend_one     attention of G queries per row over its keys and values (decode steps, the encoder)
 //   bertgen_reorder_rows   beam search's cache reorder, in place, over the written positions
@@ -35,6 +36,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <chrono>
 #include <functional>
 #include <mutex>
@@ -551,29 +553,82 @@ void pack_b(View b, int64_t J, int64_t k0, int64_t kc, int64_t j0, int64_t nc, f
   }
 }
 
+// Packed panels of B for the micro-kernel: panel q starts at p + q * stride, its k rows kNr weights each, as
+// float32, as int8 (widened in registers; the caller's column scales are applied in the epilogue, see Out), or as
+// packed int4 (byte row i holds k rows 2i and 2i+1 as low and high nibbles, each q + 8), where each group of `group`
+// k rows has a row of kNr scales at gscale + q * gstride + (k / group) * kNr.
+template <typename W>
+struct Panels {
+  const W* p;
+  int64_t stride;
+  const float* gscale = nullptr;
+  int64_t gstride = 0, group = 0;
+};
+
+#if defined(__AVX512F__)
+// kWidth int4 weights of one nibble row (shift 0: the low nibbles, 4: the high ones) as floats: a 16-entry
+// permutation of the values -8 .. 7 (vpermps reads only the low 4 bits of each index, so no mask is needed).
+inline vec nibbles(const uint8_t* p, int shift) {
+  const __m512 values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  if (shift) b = _mm512_srli_epi32(b, 4);
+  return (vec)_mm512_permutexvar_ps(b, values);
+}
+#else
+inline vec nibbles(const uint8_t* p, int shift) {
+  vec lo, hi;
+  load_i4(p, lo, hi);
+  return shift ? hi : lo;
+}
+#endif
+
+template <int R>
+inline void fma_rows(const float* ak, int64_t ra, vec b0, vec b1, vec (&sum)[R][2]) {
+  for (int r = 0; r < R; ++r) {
+    const vec ar = splat(ak[r * ra]);
+    sum[r][0] = fmadd(ar, b0, sum[r][0]);
+    sum[r][1] = fmadd(ar, b1, sum[r][1]);
+  }
+}
+
 // acc[R][2] = sum over k < kc of A[r, k] * panel[k, :]; A row r at a + r * ra, step ka per k.
 // The sums live in locals for a chunk of kChunk k at a time (accumulating into `acc` itself made gcc store every
 // register to memory on every k, as a vector of floats may alias the float inputs: half the speed) and are then
-// added to `acc`, so the rounding error grows with about kChunk + kc / kChunk terms rather than kc.
-template <int R>
-inline void micro(const float* a, int64_t ra, int64_t ka, const float* panel, int64_t kc, vec (&acc)[kMr][2]) {
+// added to `acc`, so the rounding error grows with about kChunk + kc / kChunk terms rather than kc. Integer panels
+// are widened in registers, one panel row per k (a row of 32 int8 or 16 bytes of int4 instead of 128 bytes); for
+// int4 a chunk is a scale group, and its sums are multiplied by the group's scales as they are added to `acc`.
+template <int R, typename W>
+inline void micro(const float* a, int64_t ra, int64_t ka, const W* panel, int64_t kc, vec (&acc)[kMr][2],
+                  const float* gscale = nullptr, int64_t group = 0) {
+  constexpr bool int4 = std::is_same_v<W, uint8_t>;
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = splat(0.0f);
-  for (int64_t k0 = 0; k0 < kc; k0 += kChunk) {
-    const int64_t k1 = std::min(kc, k0 + kChunk);
+  const int64_t chunk = int4 ? group : kChunk;
+  for (int64_t k0 = 0; k0 < kc; k0 += chunk) {
+    const int64_t k1 = std::min(kc, k0 + chunk);
     vec sum[R][2];
     for (int r = 0; r < R; ++r) sum[r][0] = sum[r][1] = splat(0.0f);
-    for (int64_t k = k0; k < k1; ++k) {
-      const vec b0 = load(panel + k * kNr), b1 = load(panel + k * kNr + kWidth);
-      const float* ak = a + k * ka;
-      for (int r = 0; r < R; ++r) {
-        const vec ar = splat(ak[r * ra]);
-        sum[r][0] = fmadd(ar, b0, sum[r][0]);
-        sum[r][1] = fmadd(ar, b1, sum[r][1]);
+    if constexpr (int4) {  // k0 and k1 even: whole byte rows
+      for (int64_t k = k0; k < k1; k += 2) {
+        const uint8_t* row = panel + k / 2 * kNr;
+        fma_rows<R>(a + k * ka, ra, nibbles(row, 0), nibbles(row + kWidth, 0), sum);
+        fma_rows<R>(a + (k + 1) * ka, ra, nibbles(row, 4), nibbles(row + kWidth, 4), sum);
       }
+    } else {
+      for (int64_t k = k0; k < k1; ++k)
+        fma_rows<R>(a + k * ka, ra, load_w(panel + k * kNr), load_w(panel + k * kNr + kWidth), sum);
     }
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] += sum[r][0];
-      acc[r][1] += sum[r][1];
+    if constexpr (int4) {
+      const float* s = gscale + k0 / group * kNr;
+      const vec s0 = load(s), s1 = load(s + kWidth);
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] = fmadd(sum[r][0], s0, acc[r][0]);
+        acc[r][1] = fmadd(sum[r][1], s1, acc[r][1]);
+      }
+    } else {
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] += sum[r][0];
+        acc[r][1] += sum[r][1];
+      }
     }
   }
 }
@@ -597,13 +652,15 @@ inline vec vgelu(vec x) {
 
 // Where C goes: C(i, j) at p[i * ld + j]; with `seq` > 0 head-major instead, the layout attention reads keys and
 // values in: row i = b * seq + s, column j = n * dh + d, at p[((b * heads + n) * seq + s) * dh + d]. The epilogue,
-// once the last k block is in, adds `bias` [J] and applies `act` (1: GELU).
+// once the last k block is in, multiplies by the column scales `scale` [J] (an int8 weight's), adds `bias` [J]
+// and applies `act` (1: GELU).
 struct Out {
   float* p;
   int64_t ld;
   int64_t seq = 0, dh = 0, heads = 0;
   const float* bias = nullptr;
   int64_t act = 0;
+  const float* scale = nullptr;
   // Address of C(i, j), for a run of columns that stays inside one row (and, head-major, one head).
   float* at(int64_t i, int64_t j) const {
     if (seq == 0) return p + i * ld + j;
@@ -612,7 +669,8 @@ struct Out {
   bool whole_panels() const { return seq == 0 || dh % kNr == 0; }
 };
 
-inline vec finish(vec v, const Out& c, const float* bias) {
+inline vec finish(vec v, const Out& c, const float* bias, const float* scale) {
+  if (scale) v *= load(scale);
   if (bias) v += load(bias);
   return c.act == 1 ? vgelu(v) : v;
 }
@@ -622,13 +680,14 @@ inline vec finish(vec v, const Out& c, const float* bias) {
 void put_c(vec (&acc)[kMr][2], int rows, int64_t cols, const Out& c, int64_t i0, int64_t j0, bool add, bool last) {
   if (cols == kNr && c.whole_panels()) {
     const float* bias = c.bias ? c.bias + j0 : nullptr;
+    const float* scale = c.scale ? c.scale + j0 : nullptr;
     for (int r = 0; r < rows; ++r) {
       float* row = c.at(i0 + r, j0);
       vec v0 = add ? load(row) + acc[r][0] : acc[r][0];
       vec v1 = add ? load(row + kWidth) + acc[r][1] : acc[r][1];
       if (last) {
-        v0 = finish(v0, c, bias);
-        v1 = finish(v1, c, bias ? bias + kWidth : nullptr);
+        v0 = finish(v0, c, bias, scale);
+        v1 = finish(v1, c, bias ? bias + kWidth : nullptr, scale ? scale + kWidth : nullptr);
       }
       store(row, v0);
       store(row + kWidth, v1);
@@ -637,37 +696,40 @@ void put_c(vec (&acc)[kMr][2], int rows, int64_t cols, const Out& c, int64_t i0,
   }
   // The last, narrower panel: through a tile.
   float tile[kMr][kNr];
-  float bias[kNr] = {};
-  if (c.bias)
-    for (int64_t j = 0; j < cols; ++j) bias[j] = c.bias[j0 + j];
+  float bias[kNr] = {}, scale[kNr] = {};
+  for (int64_t j = 0; j < cols; ++j) {
+    if (c.bias) bias[j] = c.bias[j0 + j];
+    if (c.scale) scale[j] = c.scale[j0 + j];
+  }
   for (int r = 0; r < rows; ++r) {
     store(tile[r], acc[r][0]);
     store(tile[r] + kWidth, acc[r][1]);
     if (add)
       for (int64_t j = 0; j < cols; ++j) tile[r][j] += *c.at(i0 + r, j0 + j);
     if (last) {
-      store(tile[r], finish(load(tile[r]), c, c.bias ? bias : nullptr));
-      store(tile[r] + kWidth, finish(load(tile[r] + kWidth), c, c.bias ? bias + kWidth : nullptr));
+      store(tile[r], finish(load(tile[r]), c, c.bias ? bias : nullptr, c.scale ? scale : nullptr));
+      store(tile[r] + kWidth, finish(load(tile[r] + kWidth), c, c.bias ? bias + kWidth : nullptr,
+                                     c.scale ? scale + kWidth : nullptr));
     }
     for (int64_t j = 0; j < cols; ++j) *c.at(i0 + r, j0 + j) = tile[r][j];
   }
 }
 
-template <int R>
-void block_rows(const float* a, int64_t lda, const float* packed, int64_t kc, int64_t nc, int rows, const Out& c,
+template <int R, typename W>
+void block_rows(const float* a, int64_t lda, const Panels<W>& b, int64_t kc, int64_t nc, int rows, const Out& c,
                 int64_t i0, int64_t j0, int64_t J, bool add, bool last) {
   vec acc[kMr][2];
   for (int64_t q = 0; q * kNr < nc; ++q) {
-    micro<R>(a, lda, 1, packed + q * kc * kNr, kc, acc);
+    micro<R>(a, lda, 1, b.p + q * b.stride, kc, acc, b.gscale ? b.gscale + q * b.gstride : nullptr, b.group);
     put_c(acc, rows, std::min<int64_t>(kNr, J - j0 - q * kNr), c, i0, j0 + q * kNr, add, last);
   }
 }
 
-template <int R>
-void block_rows_any(const float* a, int64_t lda, const float* packed, int64_t kc, int64_t nc, int rows,
+template <int R, typename W>
+void block_rows_any(const float* a, int64_t lda, const Panels<W>& b, int64_t kc, int64_t nc, int rows,
                     const Out& c, int64_t i0, int64_t j0, int64_t J, bool add, bool last) {
-  if (rows == R) return block_rows<R>(a, lda, packed, kc, nc, rows, c, i0, j0, J, add, last);
-  if constexpr (R > 1) block_rows_any<R - 1>(a, lda, packed, kc, nc, rows, c, i0, j0, J, add, last);
+  if (rows == R) return block_rows<R>(a, lda, b, kc, nc, rows, c, i0, j0, J, add, last);
+  if constexpr (R > 1) block_rows_any<R - 1>(a, lda, b, kc, nc, rows, c, i0, j0, J, add, last);
 }
 
 // k per packed block: kGemmKc, deeper when C has fewer columns than a packed block holds (less adding into C).
@@ -696,8 +758,8 @@ void gemm_range(View a, View b, const Out& c, int64_t K, int64_t J, int64_t i0, 
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t i = i0 + (i1 - i0) * blk / blocks;
         const int rows = static_cast<int>(i0 + (i1 - i0) * (blk + 1) / blocks - i);
-        block_rows_any<kMr>(a.p + i * a.si + kb, a.si, packed.data(), kc, nc, rows, c, i, jb, J, kb > 0,
-                            kb + kc >= K);
+        block_rows_any<kMr>(a.p + i * a.si + kb, a.si, Panels<float>{packed.data(), kc * kNr}, kc, nc, rows, c, i,
+                            jb, J, kb > 0, kb + kc >= K);
       }
     }
   }
@@ -807,25 +869,13 @@ ffi::Error GemmNNBias(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // at batch 1) a [256, 1024] product ran in 104 us packed beforehand against 153 us packing its own panels. With
 // more rows than columns each thread takes chunks of rows, else a range of panels (and, with fewer panels than
 // threads, of rows too); either way every row block runs against a panel while it is in cache.
-ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
-                      ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t act) {
-  auto xd = x.dimensions(), wd = wp.dimensions(), bd = b.dimensions(), yd = y->dimensions();
-  const bool heads = yd.size() == 4;  // y [M / S, N / D, S, D]: keys or values, head-major (as gemm_nn writes them)
-  if (xd.size() != 2 || wd.size() != 3 || wd[1] != xd[1] || wd[2] != kNr || xd[1] == 0 || bd.size() != 1 ||
-      bd[0] > wd[0] * kNr || bd[0] <= (wd[0] - 1) * kNr || act < 0 || act > 1 ||
-      (heads ? yd[0] * yd[2] != xd[0] || yd[1] * yd[3] != bd[0] || yd[3] % kNr != 0
-             : yd.size() != 2 || yd[0] != xd[0] || yd[1] != bd[0]))
-    return ffi::Error::InvalidArgument(
-        "bertgen_gemm_packed: expects x [M, K], packed w [P, K, panel width of this build], bias [N] with "
-        "(P - 1) * width < N <= P * width, y [M, N] (or y [M / S, N / D, S, D] with D a multiple of the panel "
-        "width), act 0 or 1");
-  const int64_t M = xd[0], K = xd[1], P = wd[0], N = bd[0];
-  Out out{y->typed_data(), N};
-  if (heads) out.seq = yd[2], out.dh = yd[3], out.heads = yd[1];
-  out.bias = b.typed_data();
-  out.act = act;
-  const float* xp = x.typed_data();
-  const float* w = wp.typed_data();
+// The panels may also be int8 or packed int4 (see Panels), widened in registers: a quantized model's products
+// then read a quarter or an eighth of float32's bytes, and widening them while packing on every call (gemm_i8)
+// cost batch-32 generation 13-16% against float32.
+template <typename W>
+void gemm_packed(ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K, const Panels<W>& w, int64_t P,
+                 const Out& out) {
+  const int64_t N = out.ld, panel_bytes = w.stride * static_cast<int64_t>(sizeof(W));
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // Rows r0..r1 against panels q0..q1: each panel runs every row block while it is in cache. The whole panel is
   // requested up front (prefetches into L2): weights packed beforehand come from memory at the start of a call
@@ -835,13 +885,15 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   auto run = [&](int64_t r0, int64_t r1, int64_t q0, int64_t q1) {
     const int64_t nb = (r1 - r0 + kMr - 1) / kMr;
     for (int64_t q = q0; q < q1; ++q) {
-      const char* panel = reinterpret_cast<const char*>(w + q * K * kNr);
-      for (int64_t at = 0; at < K * kNr * static_cast<int64_t>(sizeof(float)); at += 64)
-        __builtin_prefetch(panel + at, 0, 2);
+      const char* panel = reinterpret_cast<const char*>(w.p + q * w.stride);
+      for (int64_t at = 0; at < panel_bytes; at += 64) __builtin_prefetch(panel + at, 0, 2);
+      Panels<W> one = w;
+      one.p = w.p + q * w.stride;
+      if (w.gscale) one.gscale = w.gscale + q * w.gstride;
       for (int64_t blk = 0; blk < nb; ++blk) {
         const int64_t i = r0 + (r1 - r0) * blk / nb;
         const int rows = static_cast<int>(r0 + (r1 - r0) * (blk + 1) / nb - i);
-        block_rows_any<kMr>(xp + i * K, K, w + q * K * kNr, K, kNr, rows, out, i, q * kNr, N, false, true);
+        block_rows_any<kMr>(xp + i * K, K, one, K, kNr, rows, out, i, q * kNr, N, false, true);
       }
     }
   };
@@ -855,7 +907,7 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t chunk = std::max<int64_t>(1, std::min(fits, share)) * kMr;
     const int64_t tasks = (M + chunk - 1) / chunk;
     parallel_for(pool, tasks, [&](int64_t t) { run(t * chunk, std::min(M, (t + 1) * chunk), 0, P); });
-    return ffi::Error::Success();
+    return;
   }
   const int64_t ranges = threads > 1 ? 4 * threads : 1;
   const int64_t pt = std::min(P, ranges), rt = std::min(blocks, (ranges + pt - 1) / pt);
@@ -863,6 +915,76 @@ ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t tp = t % pt, tr = t / pt;
     run(blocks * tr / rt * kMr, std::min(M, blocks * (tr + 1) / rt * kMr), P * tp / pt, P * (tp + 1) / pt);
   });
+}
+
+// The checks shared by the packed products: x [M, K], panels [P, rows, kNr] with `rows` panel rows for K (K, or
+// K / 2 for int4), bias [N] with (P - 1) * kNr < N <= P * kNr, y [M, N] or head-major [M / S, N / D, S, D].
+// Returns the Out for y, or one with p == nullptr when they do not fit.
+Out packed_out(const ffi::AnyBuffer::Dimensions& xd, const ffi::AnyBuffer::Dimensions& wd, int64_t rows,
+               const ffi::AnyBuffer::Dimensions& bd, float* y, const ffi::AnyBuffer::Dimensions& yd, int64_t act,
+               const float* bias) {
+  const bool heads = yd.size() == 4;  // y [M / S, N / D, S, D]: keys or values, head-major (as gemm_nn writes them)
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != rows || wd[2] != kNr || xd[1] == 0 || bd.size() != 1 ||
+      bd[0] > wd[0] * kNr || bd[0] <= (wd[0] - 1) * kNr || act < 0 || act > 1 ||
+      (heads ? yd[0] * yd[2] != xd[0] || yd[1] * yd[3] != bd[0] || yd[3] % kNr != 0
+             : yd.size() != 2 || yd[0] != xd[0] || yd[1] != bd[0]))
+    return Out{nullptr, 0};
+  Out out{y, bd[0]};
+  if (heads) out.seq = yd[2], out.dh = yd[3], out.heads = yd[1];
+  out.bias = bias;
+  out.act = act;
+  return out;
+}
+
+ffi::Error GemmPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp,
+                      ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t act) {
+  auto xd = x.dimensions(), wd = wp.dimensions();
+  Out out = packed_out(xd, wd, xd.size() == 2 ? xd[1] : -1, b.dimensions(), y->typed_data(), y->dimensions(), act,
+                       b.typed_data());
+  if (!out.p)
+    return ffi::Error::InvalidArgument(
+        "bertgen_gemm_packed: expects x [M, K], packed w [P, K, panel width of this build], bias [N] with "
+        "(P - 1) * width < N <= P * width, y [M, N] (or y [M / S, N / D, S, D] with D a multiple of the panel "
+        "width), act 0 or 1");
+  gemm_packed(pool, x.typed_data(), xd[0], xd[1], Panels<float>{wp.typed_data(), xd[1] * kNr}, wd[0], out);
+  return ffi::Error::Success();
+}
+
+// The same with int8 panels wp [P, K, kNr] (a quantized kernel or table packed by cpu_kernels.py) and their
+// column scales [N]: y = act((x @ q) * scale + bias).
+ffi::Error GemmPackedI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> wp,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
+                        int64_t act) {
+  auto xd = x.dimensions(), wd = wp.dimensions();
+  Out out = packed_out(xd, wd, xd.size() == 2 ? xd[1] : -1, b.dimensions(), y->typed_data(), y->dimensions(), act,
+                       b.typed_data());
+  if (!out.p || scale.dimensions().size() != 1 || scale.dimensions()[0] != b.dimensions()[0])
+    return ffi::Error::InvalidArgument(
+        "bertgen_gemm_packed_i8: expects x [M, K], int8 panels [P, K, panel width of this build], scales [N] and "
+        "bias [N] with (P - 1) * width < N <= P * width, y [M, N] (or head-major), act 0 or 1");
+  out.scale = scale.typed_data();
+  gemm_packed(pool, x.typed_data(), xd[0], xd[1], Panels<int8_t>{wp.typed_data(), xd[1] * kNr}, wd[0], out);
+  return ffi::Error::Success();
+}
+
+// The same with packed int4 panels wp [P, K / 2, kNr] (two k rows per byte row, as quantization.py packs them)
+// and group scales gs [P, K / g, kNr] (panel q's scales of its columns, one row per group of g k rows; g even):
+// y = act(x @ (q * s) + bias), each group's sums scaled once.
+ffi::Error GemmPackedI4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> wp,
+                        ffi::Buffer<ffi::F32> gs, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
+                        int64_t act) {
+  auto xd = x.dimensions(), wd = wp.dimensions(), sd = gs.dimensions();
+  const int64_t K = xd.size() == 2 ? xd[1] : -1;
+  Out out = packed_out(xd, wd, K % 2 == 0 ? K / 2 : -1, b.dimensions(), y->typed_data(), y->dimensions(), act,
+                       b.typed_data());
+  if (!out.p || sd.size() != 3 || sd[0] != wd[0] || sd[2] != kNr || sd[1] < 1 || K % sd[1] != 0 ||
+      (K / sd[1]) % 2 != 0)
+    return ffi::Error::InvalidArgument(
+        "bertgen_gemm_packed_i4: expects x [M, K], int4 panels [P, K / 2, panel width of this build], group "
+        "scales [P, K / g, width] with an even g dividing K, bias [N] with (P - 1) * width < N <= P * width, "
+        "y [M, N] (or head-major), act 0 or 1");
+  Panels<uint8_t> w{wp.typed_data(), K / 2 * kNr, gs.typed_data(), sd[1] * kNr, K / sd[1]};
+  gemm_packed(pool, x.typed_data(), xd[0], K, w, wd[0], out);
   return ffi::Error::Success();
 }
 
@@ -1341,6 +1463,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_reorder_rows, ReorderRows,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_packed, GemmPacked, BERTGEN_BIND_BIAS_ACT);
+#define BERTGEN_BIND_PACKED_Q(W)                                                                              \
+  ffi::Ffi::Bind()                                                                                            \
+      .Ctx<ffi::ThreadPool>()                                                                                 \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Arg<ffi::Buffer<W>>()                                                                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                                           \
+      .Attr<int64_t>("act")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_packed_i8, GemmPackedI8, BERTGEN_BIND_PACKED_Q(ffi::S8));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_gemm_packed_i4, GemmPackedI4, BERTGEN_BIND_PACKED_Q(ffi::U8));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_argmax_rows, ArgmaxRows,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::S32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(bertgen_layer_norm, LayerNorm,
