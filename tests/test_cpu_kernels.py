@@ -494,10 +494,11 @@ def test_quantized_weights_packed_once_are_widened_in_registers_with_bias_and_ge
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_packed_quantized_keys_and_values_come_out_head_major(kernels, mode):
+@pytest.mark.parametrize("in_panels", [True, False])   # a head of 20 values: XLA widens and transposes instead
+def test_packed_quantized_keys_and_values_come_out_head_major(kernels, mode, in_panels):
     from bertgen_flax import quantization
     rng = np.random.default_rng(32)
-    heads, dh = 3, cpu_kernels._PANEL
+    heads, dh = 3, cpu_kernels._PANEL if in_panels else 20
     x = rng.standard_normal((2, 11, 40), np.float32)
     w, b = rng.standard_normal((40, heads * dh), np.float32), rng.standard_normal(heads * dh).astype(np.float32)
     q, s = quantization.quantize_int8(w) if mode == "int8" else quantization.quantize_int4(w, 20)
@@ -508,7 +509,9 @@ def test_packed_quantized_keys_and_values_come_out_head_major(kernels, mode):
     flat = np.asarray(x, np.float64) @ np.asarray(quantization.dequantize_kernel(q, s), np.float64) + b
     want = flat.reshape(2, 11, heads, dh).transpose(0, 2, 1, 3)
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
-    assert "transpose" not in fn.lower(x, dense["pqkernel"], scale, b).as_text()
+    hlo = fn.lower(x, dense["pqkernel"], scale, b).as_text()
+    assert (f"bertgen_gemm_packed_{'i8' if mode == 'int8' else 'i4'}" in hlo) == in_panels
+    assert ("transpose" not in hlo) == in_panels
 
 
 def test_an_int8_table_packed_for_the_tied_head_gives_its_logits(kernels):
