@@ -60,6 +60,7 @@ if _BENCH_DIR not in sys.path:  # `bertgen bench` runs this file with runpy, whi
 import _machine  # noqa: E402  (bench/: machine helpers shared by the benchmark scripts)
 from _workload import DECODER_START, EOS, PAD, add_shape_args, apply_shape_args, make_batch  # noqa: E402,F401
 from _workload import dropout_rate  # noqa: E402
+from gpu_summary import planned_bytes  # noqa: E402  (standard library only: also the GPU run's summary)
 from _workload import FIRST_SOURCE_ID as FIRST_ID  # noqa: E402
 from _workload import TRAIN_PRESETS as PRESETS  # noqa: E402
 from _workload import TrainShape as Shape  # noqa: E402
@@ -362,7 +363,7 @@ def _planned(r: Optional[EngineResult]) -> Optional[int]:
     """Bytes XLA planned for our compiled step: temporaries + arguments + outputs, less the donated (aliased)
     buffers counted in both."""
     m = None if r is None else r.xla_memory_bytes
-    return None if m is None else m["temp"] + m["arguments"] + m["outputs"] - m["aliased"]
+    return None if m is None else planned_bytes(m)
 
 
 def table(t: Optional[EngineResult], o: Optional[EngineResult], runs: int) -> str:

@@ -97,6 +97,13 @@ def _max(values: list[Optional[float]]) -> Optional[float]:
     return max(values) if values else None
 
 
+def planned_bytes(m: dict) -> int:
+    """Bytes XLA planned for a compiled program from its ``memory_analysis()`` sizes (keys temp, arguments, outputs,
+    aliased): temporaries + arguments + outputs, less the donated (aliased) buffers counted in both. bench_train.py
+    prints the same figure."""
+    return m["temp"] + m["arguments"] + m["outputs"] - m["aliased"]
+
+
 def _get(d: Optional[dict], key: str) -> Optional[float]:
     return None if d is None else d.get(key)
 
@@ -232,7 +239,7 @@ def memory_table(run: dict[str, Any]) -> str:
                  f"{gib(_get((flax or {}).get('train'), 'peak_memory_bytes'))} |")
     plan = _get(train_engine(train, "bertgen_flax"), "xla_memory_bytes")
     if plan:  # what XLA planned for our compiled step; bench_train.py's row of the same name
-        planned = plan["temp"] + plan["arguments"] + plan["outputs"] - plan["aliased"]
+        planned = planned_bytes(plan)
         lines.append(f"| training step, XLA's plan of ours (temporaries + arguments + outputs - aliased) | "
                      f"{gib(planned)} | - | - |")
     return "\n".join(lines)
