@@ -25,7 +25,9 @@ Our ratio is taken against the fastest CTranslate2 float32 configuration of the 
 Identity: transformers' tokens are the reference. Ours must equal them in every case (exit status 1 otherwise).
 CTranslate2 float32 must equal them in the greedy cases (exit status 1 otherwise). With beams and a forced length
 CTranslate2 applies the min-length EOS mask before its log-softmax and transformers after it, so beam outputs may
-legitimately differ; int8 outputs differ by design. Both are reported, not enforced.
+legitimately differ; int8 outputs (CTranslate2's, and ours with the optional ``ours-int8`` / ``ours-int4``, our
+weight-only quantized modes) differ by design. Both are reported, not enforced; our quantized rows are compared
+with the fastest CTranslate2 int8 configuration.
 
 ``ours`` loads our model as ``Text2TextGenerator`` does for inference, with its layers unrolled
 (``scan_layers=False``); the optional ``ours-scanned`` loads the ``from_pretrained`` default, stacked layers, which
@@ -66,7 +68,8 @@ import _machine  # noqa: E402  (bench/: machine helpers shared by the benchmark 
 from _workload import PRESETS, add_shape_args, apply_shape_args  # noqa: E402
 
 ENGINES = ("ours", "transformers", "ct2-float32", "ct2-float32-dnnl", "ct2-int8")
-OPTIONAL_ENGINES = ("ours-scanned", "ct2-float32-mkl", "ct2-int8-dnnl", "ct2-int8-mkl")
+OPTIONAL_ENGINES = ("ours-scanned", "ours-int8", "ours-int4", "ct2-float32-mkl", "ct2-int8-dnnl", "ct2-int8-mkl")
+QUANTIZED = {"ours-int8": "int8", "ours-int4": "int4"}  # our weight-only modes (quantization.py), loaded float32
 # CTranslate2 picks its CPU GEMM backend itself (Intel MKL on Intel processors, oneDNN elsewhere); the suffixes
 # force one through its CT2_USE_MKL switch, so that we compare with its fastest configuration on this machine.
 CT2_BACKENDS = {"dnnl": "0", "mkl": "1"}
@@ -93,6 +96,8 @@ def _ours(job: dict[str, Any], ids: np.ndarray, mask: np.ndarray):
         bertgen_flax.enable_compilation_cache(job["compilation_cache"])
     model = bertgen_flax.EncoderDecoderModel.from_pretrained(job["hf_dir"],
                                                              scan_layers=job["engine"] == "ours-scanned")
+    if job["engine"] in QUANTIZED:
+        model = model.quantize(QUANTIZED[job["engine"]])
     kwargs = job["kwargs"]
 
     def call() -> np.ndarray:
@@ -140,7 +145,8 @@ def worker(job_path: str, out_path: str) -> None:
     inputs = np.load(job["inputs"])
     ids, mask = inputs["ids"], inputs["mask"]
     t0 = time.perf_counter()
-    make = {"ours": _ours, "ours-scanned": _ours, "transformers": _transformers}.get(job["engine"], _ctranslate2)
+    ours = {engine: _ours for engine in ("ours", "ours-scanned", *QUANTIZED)}
+    make = {**ours, "transformers": _transformers}.get(job["engine"], _ctranslate2)
     call, versions = make(job, ids, mask)
     load_s = time.perf_counter() - t0
     rss_loaded = _machine.peak_rss_mb()
@@ -375,22 +381,28 @@ def _rounds_merged(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def best_ct2_float32(ms: dict[str, float]) -> Optional[str]:
-    """The label of the fastest CTranslate2 float32 configuration timed (any backend, any thread count)."""
-    ct2 = [k for k in ms if k.startswith("ct2-float32")]
+def best_ct2(ms: dict[str, float], compute_type: str = "float32") -> Optional[str]:
+    """The label of the fastest CTranslate2 configuration of ``compute_type`` timed (any backend, any thread
+    count)."""
+    ct2 = [k for k in ms if k.startswith(f"ct2-{compute_type}")]
     return min(ct2, key=ms.get) if ct2 else None
+
+
+def _ours_kind(label: str) -> str:
+    """The CTranslate2 compute type our row is compared with: int8 for our quantized modes, else float32."""
+    return "int8" if label.split(",")[0] in QUANTIZED else "float32"
 
 
 def report(args: argparse.Namespace, shape: Any, results: list[dict[str, Any]]) -> int:
     n = shape.new_tokens
     failed = []
     lines = ["| case | engine | ms/step | tok/s | first call s | peak RSS MB (after load) "
-             "| same tokens as transformers | ours / fastest CT2 float32 | ours/transformers |", "|" + "---|" * 9]
+             "| same tokens as transformers | ours / fastest CT2 (float32; int8 for ours-int8 / -int4) "
+             "| ours/transformers |", "|" + "---|" * 9]
     for case in args.case_keys:
         rows = _rounds_merged([r for r in results if r["case"] == case])
         ref = rows.get("transformers")
         ms = {k: 1000 * r["median_s"] / n for k, r in rows.items()}
-        best = best_ct2_float32(ms)
         per_round = lambda label, other: [a["median_s"] / b["median_s"] for a in results for b in results
                                           if a["case"] == b["case"] == case and a["label"] == label
                                           and b["label"] == other and a["round"] == b["round"]]
@@ -399,11 +411,13 @@ def report(args: argparse.Namespace, shape: Any, results: list[dict[str, Any]]) 
             if ref is not None and label != "transformers":
                 same = same_rows(ref["tokens"], r["tokens"])
                 exact = same == f"{len(ref['tokens'])}/{len(ref['tokens'])}"
-                enforced = label.startswith("ours") or (label.startswith("ct2-float32") and r["beams"] == 1)
+                enforced = (label.startswith("ours") and _ours_kind(label) == "float32") or (
+                    label.startswith("ct2-float32") and r["beams"] == 1)
                 if enforced and not exact:
                     failed.append(f"{case} {label}: {same}")
             ratio_ct2 = ratio_tf = "-"
             if label.startswith("ours"):
+                best = best_ct2(ms, _ours_kind(label))
                 if best is not None:
                     ratios = per_round(label, best)
                     ratio_ct2 = f"{statistics.median(ratios):.2f} ({best})"

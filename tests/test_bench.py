@@ -170,8 +170,14 @@ def test_ct2_bench_takes_the_l24_cpu_workload_and_names_bad_options(capsys):
     assert args.case_keys == ["b1", "b8"] and args.ct2_thread_counts == [2, 1]
     labels = [label for label, _ in bench_ct2.engine_runs(args, {})]
     assert "ct2-float32-dnnl t1" in labels and "ct2-float32-dnnl" in labels and labels.count("ours") == 1
-    assert bench_ct2.best_ct2_float32({"ours": 1.0, "ct2-float32": 5.0, "ct2-float32-dnnl t1": 2.0}) == \
+    assert bench_ct2.best_ct2({"ours": 1.0, "ct2-float32": 5.0, "ct2-float32-dnnl t1": 2.0}) == \
         "ct2-float32-dnnl t1"
+    timed = {"ours-int8": 1.0, "ct2-float32-dnnl": 0.5, "ct2-int8": 4.0, "ct2-int8-dnnl": 3.0}
+    assert bench_ct2.best_ct2(timed, bench_ct2._ours_kind("ours-int8")) == "ct2-int8-dnnl"   # like with like
+    assert bench_ct2._ours_kind("ours") == bench_ct2._ours_kind("ours, cache filled") == "float32"
+    quantized = bench_ct2.parse_args(["--engines", "ours,ours-int8,ours-int4,ct2-int8-dnnl"])
+    assert [label for label, _ in bench_ct2.engine_runs(quantized, {})] == ["ours", "ours-int8", "ours-int4",
+                                                                           "ct2-int8-dnnl"]
     for bad, message in [(["--ct2-threads", "x"], "--ct2-threads"), (["--cases", "b3"], "--cases"),
                          (["--engines", "ours,ct2-bf16"], "--engines")]:
         with pytest.raises(SystemExit) as e:
