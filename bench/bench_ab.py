@@ -13,6 +13,7 @@ statement runs again before each timed call, so switches read at run time work t
     .venv/bin/python bench/bench_ab.py b128 "cpu_kernels.GEMM_MIN_ROWS = 1 << 40" "pass" --runs 9
     .venv/bin/python bench/bench_ab.py b32 "cpu_kernels.QUANTIZED_MAX_ROWS = 32" "cpu_kernels.QUANTIZED_MAX_ROWS = 8" \
         --quantize int8
+    .venv/bin/python bench/bench_ab.py b1 "pass" "pass" --preset l24 --batch 8 --new-tokens 40 --runs 5
 """
 from __future__ import annotations
 
@@ -40,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("a", help="setting A: a Python statement")
     p.add_argument("b", help="setting B: a Python statement")
     p.add_argument("--runs", type=int, default=11, help="timed pairs (default 11)")
-    p.add_argument("--new-tokens", type=int, default=None, help="override the small preset's 32")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small", help="the model's shape (default: small)")
+    p.add_argument("--new-tokens", type=int, default=None, help="override the preset's new tokens")
+    p.add_argument("--batch", type=int, default=None, help="override the case's batch (its beams kept)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="time the model quantized (weight-only) instead of in float32")
     args = p.parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
     for label, stmt in (("A", args.a), ("B", args.b)):
         try:
             compile(stmt, f"<setting {label}>", "exec")
@@ -55,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     import bertgen_flax
     from bertgen_flax import cpu_kernels, decoding, generation, modeling
 
-    shape = PRESETS["small"]
+    shape = PRESETS[args.preset]
     if args.new_tokens:
         shape = dataclasses.replace(shape, new_tokens=args.new_tokens)
-    case = CASES[args.case]
+    case = CASES[args.case] if not args.batch else dataclasses.replace(CASES[args.case], batch=args.batch)
     scope = dict(cpu_kernels=cpu_kernels, decoding=decoding, generation=generation, modeling=modeling)
     with tempfile.TemporaryDirectory(prefix="bench_ab_") as work:
         bg.build_reference(shape, 0).save_pretrained(work)
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         b.append(timed("B"))
     per = lambda ts: 1e3 * statistics.median(ts) / shape.new_tokens
     same = np.array_equal(outputs["A"], outputs["B"])
-    print(f"{args.case}: A {per(a):.3f} ms/token, B {per(b):.3f} ms/token (medians of {args.runs}); "
+    print(f"{args.case} ({args.preset}, batch {case.batch}): A {per(a):.3f} ms/token, B {per(b):.3f} ms/token (medians of {args.runs}); "
           f"B / A, median of paired ratios: {statistics.median(y / x for x, y in zip(a, b)):.3f}; "
           f"same tokens: {same}")
     return 0 if same else 1

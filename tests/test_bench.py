@@ -197,12 +197,15 @@ def test_the_ab_bench_times_two_settings_in_one_process_and_checks_their_tokens(
 
 def test_the_ab_bench_times_a_quantized_model_when_asked():
     cmd = [sys.executable, os.path.join(BENCH, "bench_ab.py"), "b32", "cpu_kernels.QUANTIZED_MAX_ROWS = 32",
-           "cpu_kernels.QUANTIZED_MAX_ROWS = 8", "--runs", "1", "--new-tokens", "2", "--quantize", "int4"]
+           "cpu_kernels.QUANTIZED_MAX_ROWS = 8", "--runs", "1", "--new-tokens", "2", "--quantize", "int4",
+           "--batch", "12"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "same tokens: True" in proc.stdout
-    bad = subprocess.run(cmd[:-1] + ["int3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert "b32 (small, batch 12):" in proc.stdout and "same tokens: True" in proc.stdout
+    bad = subprocess.run(cmd[:-3] + ["int3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode == 2 and "--quantize: invalid choice: 'int3'" in bad.stderr
+    bad = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode == 2 and "--batch must be at least 1, got 0" in bad.stderr
 
 
 def test_the_training_bench_checks_a_tiny_step_and_reports_xla_plan_of_our_memory(tmp_path, capsys):
