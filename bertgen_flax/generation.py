@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import cpu_kernels, decoding
+from .quantization import is_quantized
 from .decoding import GenerationConfig, SearchSpec
 
 TRACE_COUNTS: dict[str, int] = {"seq2seq": 0, "causal": 0}  # incremented when a program is traced (compiled)
@@ -169,7 +170,7 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
         # unstacked already (PackedWeights).
         stored = unrolled if unrolled is not module and not _has_stacked_layers(params["decoder"]) else module
         n = batch * copies
-        if unroll and cpu_kernels.packing_pays(n):  # the steps' weights in the packed products' layout, once
+        if unroll and cpu_kernels.packing_pays(n, is_quantized(params)):  # the steps' weights packed, once
             dec_params = dict(dec_params, decoder=cpu_kernels.pack_for_steps(
                 dec_params["decoder"], module.config.decoder.tie_word_embeddings))
 
@@ -207,7 +208,7 @@ def _causal_program(module: Any, spec: SearchSpec, batch: int, scores: bool, unr
         stored, stored_params = scanned, params
         module, params = _unrolled(scanned, params) if unroll else (scanned, params)
         n = batch * copies
-        if unroll and cpu_kernels.packing_pays(n):  # the steps' weights in the packed products' layout, once
+        if unroll and cpu_kernels.packing_pays(n, is_quantized(params)):  # the steps' weights packed, once
             params = cpu_kernels.pack_for_steps(params, scanned.config.tie_word_embeddings)
         prompt = jnp.repeat(prompt, copies, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, copies, axis=0)
@@ -390,7 +391,7 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
     program = _seq2seq_program(module, spec, bb, sb, return_scores, encoder_rows(bb, sb) if mesh is None else bb,
                                unroll_decoder)
     if packed_weights is not None and mesh is None and module.dtype == jnp.float32 and cpu_kernels.packs_weights():
-        steps = unroll_decoder and cpu_kernels.packing_pays(bb * _expand(spec))
+        steps = unroll_decoder and cpu_kernels.packing_pays(bb * _expand(spec), is_quantized(params))
         params = packed_weights.get(params, steps, module.config.decoder.tie_word_embeddings,
                                     unstack=unroll_decoder and getattr(module, "scan_layers", False))
     # by default on the CPU only: elsewhere each packed size is another compile of seconds, for a smaller gain

@@ -191,11 +191,11 @@ def quantize_params(params: Mapping, mode: str, group_size: int = DEFAULT_GROUP_
 
 
 def is_quantized(params: Mapping) -> bool:
-    """Whether any subtree holds quantized weights."""
+    """Whether any subtree holds quantized weights (as quantized, or packed for the CPU kernels)."""
     def walk(node: Any) -> bool:
         if not isinstance(node, Mapping):
             return False
-        return "qkernel" in node or "qembedding" in node or any(walk(v) for v in node.values())
+        return any(k in node for k in ("qkernel", "qembedding", "pqkernel")) or any(walk(v) for v in node.values())
     return walk(params)
 
 

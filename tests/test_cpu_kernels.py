@@ -528,14 +528,17 @@ def test_an_int8_table_packed_for_the_tied_head_gives_its_logits(kernels):
     assert "bertgen_gemm_packed_i8" in fn.lower(h, tree["pqembedding"], s, bias).as_text()
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_a_quantized_model_packs_its_integer_weights_once_and_keeps_the_tokens(kernels, tmp_path, mode):
+@pytest.mark.parametrize("mode,batch", [("int8", 12), ("int4", 12), ("int8", 2)])
+def test_a_quantized_model_packs_its_integer_weights_once_and_keeps_the_tokens(kernels, tmp_path, mode, batch):
     from conftest import seq2seq_checkpoint
     import bertgen_flax as bg
     seq2seq_checkpoint(str(tmp_path / "m"), enc=dict(hidden_size=64, intermediate_size=128),
                        dec=dict(hidden_size=64, intermediate_size=128))
     model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "m"), scan_layers=False).quantize(mode)
-    ids, mask = _generate_inputs(12)   # 12 rows: the decoder's steps read packed panels too
+    # the decoder's steps read integer panels too: from 2 rows (float32 weights: from 9)
+    assert cpu_kernels.packing_pays(batch, quantized=True) and not cpu_kernels.packing_pays(2)
+    assert not cpu_kernels.packing_pays(1, quantized=True)
+    ids, mask = _generate_inputs(batch)
     kw = dict(max_new_tokens=6, min_new_tokens=6)
     first = np.asarray(model.generate(ids, mask, **kw))
     tree = model._packed._trees[(True, True, True, False)]
