@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         b.append(timed("B"))
     per = lambda ts: 1e3 * statistics.median(ts) / shape.new_tokens
     same = np.array_equal(outputs["A"], outputs["B"])
-    print(f"{args.case} ({args.preset}, batch {case.batch}): A {per(a):.3f} ms/token, B {per(b):.3f} ms/token (medians of {args.runs}); "
+    print(f"{args.case} ({args.preset}, batch {case.batch}): A {per(a):.3f} ms/token, B {per(b):.3f} ms/token "
+          f"(medians of {args.runs}); "
           f"B / A, median of paired ratios: {statistics.median(y / x for x, y in zip(a, b)):.3f}; "
           f"same tokens: {same}")
     return 0 if same else 1

@@ -145,8 +145,8 @@ def worker(job_path: str, out_path: str) -> None:
     inputs = np.load(job["inputs"])
     ids, mask = inputs["ids"], inputs["mask"]
     t0 = time.perf_counter()
-    ours = {engine: _ours for engine in ("ours", "ours-scanned", *QUANTIZED)}
-    make = {**ours, "transformers": _transformers}.get(job["engine"], _ctranslate2)
+    engine = job["engine"]
+    make = _ours if engine.startswith("ours") else _transformers if engine == "transformers" else _ctranslate2
     call, versions = make(job, ids, mask)
     load_s = time.perf_counter() - t0
     rss_loaded = _machine.peak_rss_mb()

@@ -19,8 +19,8 @@ at 21 GB/s with 1 row, 10 GB/s with 8 and 4.6 GB/s with 32, while PyTorch's MKL 
 - ``beam_candidates``: beam search's log-softmax, running scores and top candidates, each row read in L1 cache
   and only the candidates written.
 - ``quantized_matmul`` / ``quantized_matmul_nt``: int8 and packed int4 weights widened in registers (few rows),
-  or widened while the packed product packs them (more rows); ``packed_quantized_dense``: integer weights packed
-  once into panels (``pack_kernels``) and widened in registers by the packed product.
+  or widened while the packed product packs them (more rows); ``packed_dense`` also reads integer weights packed
+  once into panels (``pack_kernels``) and widens them in registers.
 
 They run on the CPU, for float32, when the kernels are built; otherwise, and on every other platform (through
 ``jax.lax.platform_dependent``), XLA's operations run. Results agree with XLA's to float32 rounding. Under
@@ -464,18 +464,24 @@ def packs_weights() -> bool:
     return _on_cpu() and _PANEL > 0
 
 
-def _pack(w: jax.Array, transposed: bool) -> jax.Array:
+def _pack(w: jax.Array, transposed: bool, fill: int = 0) -> jax.Array:
+    """w [in, out] (``transposed``: [out, in]; either stacked [L, ...]) as panels [P, in, width], columns past
+    ``out`` set to ``fill``. float32 through the pack kernel; integer weights (packed once per model) and other
+    dtypes through XLA's pad and transpose."""
     if not available():  # the panel width is the built library's
         raise RuntimeError("packing weights needs the CPU kernels, which are not available in this process "
                            "(BERTGEN_CPU_KERNELS=0, no compiler, or a failed build: see the warning)")
     if w.ndim == 3:  # stacked layers (nn.scan): each packed, restacked
-        return jnp.stack([_pack(layer, transposed) for layer in w])
+        return jnp.stack([_pack(layer, transposed, fill) for layer in w])
     k, n = w.shape[::-1] if transposed else w.shape
     p = -(-n // _PANEL)
 
     def xla(w):
         wt = w.T if transposed else w                                               # [in, out]
-        return jnp.pad(wt, ((0, 0), (0, p * _PANEL - n))).reshape(k, p, _PANEL).transpose(1, 0, 2)
+        return jnp.pad(wt, ((0, 0), (0, p * _PANEL - n)), constant_values=fill).reshape(k, p, _PANEL).transpose(
+            1, 0, 2)
+    if w.dtype != jnp.float32 or fill != 0:
+        return xla(w)
     cpu = lambda w: jax.ffi.ffi_call("bertgen_pack_panels", jax.ShapeDtypeStruct((p, k, _PANEL), jnp.float32))(
         w, transposed=np.int64(int(transposed)))
     return jax.lax.platform_dependent(w, cpu=cpu, default=xla)
@@ -491,19 +497,6 @@ def pack_table(e: jax.Array) -> jax.Array:
     return _pack(e, transposed=True)
 
 
-def _panels(w: jax.Array, fill: int = 0) -> jax.Array:
-    """w [rows, N] of any dtype (or stacked [L, rows, N]) as panels [P, rows, width], columns past N = ``fill``:
-    the packed products' layout for integer weights and their group scales (XLA's pad and transpose; done once
-    per model, outside the steps)."""
-    if not available():  # the panel width is the built library's
-        raise RuntimeError("packing weights needs the CPU kernels, which are not available in this process")
-    if w.ndim == 3:
-        return jnp.stack([_panels(layer, fill) for layer in w])
-    rows, n = w.shape
-    p = -(-n // _PANEL)
-    return jnp.pad(w, ((0, 0), (0, p * _PANEL - n)), constant_values=fill).reshape(rows, p, _PANEL).transpose(1, 0, 2)
-
-
 _INT4_ZERO = 0x88  # a packed int4 byte holding two zeros (each nibble stores q + 8)
 
 
@@ -513,9 +506,9 @@ def _pack_quantized(node: dict) -> dict:
     out = {k: v for k, v in node.items() if k != "qkernel"}
     q = node["qkernel"]
     if q.dtype == jnp.uint8:
-        out["pqkernel"], out["pqscale"] = _panels(q, _INT4_ZERO), _panels(node["qscale"])
+        out["pqkernel"], out["pqscale"] = _pack(q, False, _INT4_ZERO), pack_kernel(node["qscale"])
     else:
-        out["pqkernel"] = _panels(q)
+        out["pqkernel"] = pack_kernel(q)
     return out
 
 
@@ -541,7 +534,7 @@ def pack_kernels(tree: Any, tied_table: bool, select: Callable[[tuple], bool] = 
                 if ("pembedding" not in value and getattr(value.get("embedding"), "dtype", None) == jnp.float32):
                     out[key] = dict(out[key], pembedding=pack_table(value["embedding"]))
                 elif "pqembedding" not in value and getattr(value.get("qembedding"), "dtype", None) == jnp.int8:
-                    out[key] = dict(out[key], pqembedding=_panels(jnp.swapaxes(value["qembedding"], -1, -2)))
+                    out[key] = dict(out[key], pqembedding=pack_table(value["qembedding"]))
         else:
             out[key] = value
     return out
@@ -625,62 +618,46 @@ class PackedWeights:
         return self._trees[key]
 
 
+_PACKED_TARGETS = {"float32": "bertgen_gemm_packed", "int8": "bertgen_gemm_packed_i8",
+                   "uint8": "bertgen_gemm_packed_i4"}
+
+
 def packed_dense(x: jax.Array, wp: jax.Array, b: jax.Array, n: int, activation: Optional[Callable] = None,
-                 heads: int = 0) -> jax.Array:
-    """``activation(x @ w + b)`` [..., n] from w packed by ``pack_kernel`` / ``pack_table``; with ``heads``, x
-    [B, S, in] gives [B, heads, S, n / heads] (head-major, written so by the product). Inference only."""
+                 heads: int = 0, scale: Optional[jax.Array] = None) -> jax.Array:
+    """``activation(x @ w + b)`` [..., n] from w packed by ``pack_kernels`` (or ``pack_kernel`` / ``pack_table``):
+    float32 panels [P, in, width]; int8 panels with column scales ``scale`` [n]; or packed int4 panels
+    [P, in / 2, width] with group scales ``scale`` [P, in / g, width]. Integers are widened in registers and the
+    scales, bias and activation applied in the product's epilogue. With ``heads``, x [B, S, in] gives
+    [B, heads, S, n / heads] (head-major, written so by the product). Inference only."""
     code = 0 if activation is None else getattr(activation, "kernel_code", None)
+    kind = jnp.dtype(wp.dtype).name
+    weights = (wp,) if scale is None else (wp, scale)
 
-    def xla(x, wp, b):
-        y = jnp.einsum("...k,pkj->...pj", x, wp).reshape(*x.shape[:-1], -1)[..., :n] + b
-        y = y if activation is None else activation(y)
-        return y.reshape(*y.shape[:2], heads, -1).transpose(0, 2, 1, 3) if heads else y
-    if code is None or not (x.dtype == wp.dtype == b.dtype == jnp.float32 and wp.shape[-1] == _PANEL
-                            and _usable(x, wp[0], _NO_LIMIT)) or (heads and (x.ndim != 3 or n % heads
-                                                                             or (n // heads) % _PANEL)):
-        return xla(x, wp, b)
-    if heads:
-        shape = jax.ShapeDtypeStruct((x.shape[0], heads, x.shape[1], n // heads), jnp.float32)
-        cpu = lambda x, wp, b: jax.ffi.ffi_call("bertgen_gemm_packed", shape, vmap_method="sequential")(
-            x.reshape(-1, x.shape[-1]), wp, b, act=np.int64(code))
-    else:
-        cpu = lambda x, wp, b: _call("bertgen_gemm_packed", x, (wp, b), n, act=np.int64(code))
-    return jax.lax.platform_dependent(x, wp, b, cpu=cpu, default=xla)
-
-
-def packed_quantized_dense(x: jax.Array, wp: jax.Array, scale: jax.Array, b: jax.Array, n: int,
-                           activation: Optional[Callable] = None, heads: int = 0) -> jax.Array:
-    """``activation(x @ w + b)`` [..., n] for a quantized weight packed by ``pack_kernels``: int8 panels ``wp``
-    [P, in, width] with column scales ``scale`` [n], or packed int4 panels [P, in / 2, width] with their group
-    scales [P, in / g, width]; ``heads`` as in ``packed_dense``. The packed product widens the integers in
-    registers and applies the scales, bias and activation in its epilogue. Inference only."""
-    code = 0 if activation is None else getattr(activation, "kernel_code", None)
-    int4 = wp.dtype == jnp.uint8
-
-    def xla(x, wp, scale, b):
-        if int4:  # [P, in / 2, width] -> [P, in, width], times each group's scales
+    def xla(x, wp, *rest):
+        *scales, b = rest
+        w = wp
+        if kind == "uint8":  # int4 panels [P, in / 2, width] -> [P, in, width], times each group's scales
             from .quantization import unpack_int4
-            q = unpack_int4(wp).astype(x.dtype)
-            g = q.shape[1] // scale.shape[1]
-            w = (q.reshape(q.shape[0], scale.shape[1], g, -1) * scale[:, :, None, :]).reshape(q.shape)
-            y = jnp.einsum("...k,pkj->...pj", x, w).reshape(*x.shape[:-1], -1)[..., :n]
-        else:
-            y = jnp.einsum("...k,pkj->...pj", x, wp.astype(x.dtype)).reshape(*x.shape[:-1], -1)[..., :n] * scale
-        y = y + b
+            q, s = unpack_int4(wp).astype(x.dtype), scales[0]
+            w = (q.reshape(q.shape[0], s.shape[1], -1, q.shape[-1]) * s[:, :, None, :]).reshape(q.shape)
+        y = jnp.einsum("...k,pkj->...pj", x, w.astype(x.dtype)).reshape(*x.shape[:-1], -1)[..., :n]
+        y = (y * scales[0] if kind == "int8" else y) + b
         y = y if activation is None else activation(y)
         return y.reshape(*y.shape[:2], heads, -1).transpose(0, 2, 1, 3) if heads else y
-    if code is None or not (x.dtype == scale.dtype == b.dtype == jnp.float32 and wp.shape[-1] == _PANEL
-                            and _usable(x, wp[0], _NO_LIMIT, (jnp.int8, jnp.uint8))) or (
+    weight_dtypes = (jnp.float32,) if scale is None else (jnp.int8, jnp.uint8)
+    floats = (x, b) if scale is None else (x, b, scale)
+    if code is None or not (all(f.dtype == jnp.float32 for f in floats) and wp.shape[-1] == _PANEL
+                            and _usable(x, wp[0], _NO_LIMIT, weight_dtypes)) or (
             heads and (x.ndim != 3 or n % heads or (n // heads) % _PANEL)):
-        return xla(x, wp, scale, b)
-    target = "bertgen_gemm_packed_i4" if int4 else "bertgen_gemm_packed_i8"
+        return xla(x, *weights, b)
+    target = _PACKED_TARGETS[kind]
     if heads:
         shape = jax.ShapeDtypeStruct((x.shape[0], heads, x.shape[1], n // heads), jnp.float32)
-        cpu = lambda x, wp, s, b: jax.ffi.ffi_call(target, shape, vmap_method="sequential")(
-            x.reshape(-1, x.shape[-1]), wp, s, b, act=np.int64(code))
+        cpu = lambda x, *ops: jax.ffi.ffi_call(target, shape, vmap_method="sequential")(
+            x.reshape(-1, x.shape[-1]), *ops, act=np.int64(code))
     else:
-        cpu = lambda x, wp, s, b: _call(target, x, (wp, s, b), n, act=np.int64(code))
-    return jax.lax.platform_dependent(x, wp, scale, b, cpu=cpu, default=xla)
+        cpu = lambda x, *ops: _call(target, x, ops, n, act=np.int64(code))
+    return jax.lax.platform_dependent(x, *weights, b, cpu=cpu, default=xla)
 
 
 def argmax_rows(x: jax.Array, xla: Callable[[jax.Array], jax.Array]) -> jax.Array:

@@ -156,16 +156,13 @@ class Dense(nn.Module):
         bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
-        if self.has_variable("params", "pkernel") or self.has_variable("params", "pqkernel"):
-            # packed for generation (cpu_kernels.pack_kernels): float32 or quantized panels
-            b = jnp.zeros((self.features,), self.dtype) if bias is None else bias
-            if self.has_variable("params", "pkernel"):
-                y = cpu_kernels.packed_dense(x.astype(self.dtype), self.get_variable("params", "pkernel"), b,
-                                             self.features, activation, heads)
-            else:
-                scale = self.get_variable("params", "pqscale" if self.has_variable("params", "pqscale") else "qscale")
-                y = cpu_kernels.packed_quantized_dense(x.astype(self.dtype), self.get_variable("params", "pqkernel"),
-                                                       scale, b, self.features, activation, heads)
+        packed = next((k for k in ("pkernel", "pqkernel") if self.has_variable("params", k)), None)
+        if packed is not None:  # packed for generation (cpu_kernels.pack_kernels): float32 or integer panels
+            scale = next((self.get_variable("params", k) for k in ("pqscale", "qscale")  # int4's, or int8's
+                          if packed == "pqkernel" and self.has_variable("params", k)), None)
+            y = cpu_kernels.packed_dense(x.astype(self.dtype), self.get_variable("params", packed),
+                                         jnp.zeros((self.features,), self.dtype) if bias is None else bias,
+                                         self.features, activation, heads, scale)
             if heads:
                 return y                                                           # [B, N, S, D]
             activation = None
@@ -217,19 +214,16 @@ class Embed(nn.Module):
 
     def attend(self, h: Array, bias: Optional[Array] = None) -> Array:
         """h [B, T, features] @ table^T (+ bias [num]) -> [B, T, num]."""
-        if self.has_variable("params", "pqembedding"):  # an int8 table packed for a generate call's steps
-            return cpu_kernels.packed_quantized_dense(
-                h.astype(self.dtype), self.get_variable("params", "pqembedding"),
-                self.get_variable("params", "qscale"),
-                jnp.zeros((self.num_embeddings,), self.dtype) if bias is None else bias, self.num_embeddings)
+        packed = next((k for k in ("pembedding", "pqembedding") if self.has_variable("params", k)), None)
+        if packed is not None:  # packed for a generate call's steps (an int8 table with its row scales)
+            return cpu_kernels.packed_dense(
+                h.astype(self.dtype), self.get_variable("params", packed),
+                jnp.zeros((self.num_embeddings,), self.dtype) if bias is None else bias, self.num_embeddings,
+                scale=self.get_variable("params", "qscale") if packed == "pqembedding" else None)
         if self._quantized():
             logits = quantization.quantized_attend(h, self.get_variable("params", "qembedding"),
                                                    self.get_variable("params", "qscale"), self.dtype)
             return logits if bias is None else logits + bias
-        if self.has_variable("params", "pembedding"):  # packed for a generate call's steps
-            return cpu_kernels.packed_dense(h.astype(self.dtype), self.get_variable("params", "pembedding"),
-                                            jnp.zeros((self.num_embeddings,), self.dtype) if bias is None else bias,
-                                            self.num_embeddings)
         # contract with the table as stored: a transposed copy per decode step costs more than the matmul
         logits = cpu_kernels.matmul_nt(h.astype(self.dtype), self._table().astype(self.dtype))
         return logits if bias is None else logits + bias

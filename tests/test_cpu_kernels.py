@@ -486,7 +486,7 @@ def test_quantized_weights_packed_once_are_widened_in_registers_with_bias_and_ge
     scale = dense["pqscale"] if mode == "int4" else dense["qscale"]
     y = np.asarray(x, np.float64) @ np.asarray(quantization.dequantize_kernel(q, s), np.float64) + b
     for act, want in ((None, y), (modeling.ACTIVATIONS["gelu"], _gelu64(y))):
-        fn = jax.jit(lambda x, p, s, b: cpu_kernels.packed_quantized_dense(x, p, s, b, n, act))
+        fn = jax.jit(lambda x, p, s, b: cpu_kernels.packed_dense(x, p, b, n, act, scale=s))
         assert f"bertgen_gemm_packed_{'i8' if mode == 'int8' else 'i4'}" in fn.lower(
             x, dense["pqkernel"], scale, b).as_text()
         got = np.asarray(fn(x, dense["pqkernel"], scale, b))
@@ -504,7 +504,7 @@ def test_packed_quantized_keys_and_values_come_out_head_major(kernels, mode, in_
     q, s = quantization.quantize_int8(w) if mode == "int8" else quantization.quantize_int4(w, 20)
     dense = cpu_kernels.pack_kernels({"d": {"qkernel": q, "qscale": s, "bias": b}}, False)["d"]
     scale = dense.get("pqscale", dense["qscale"])
-    fn = jax.jit(lambda x, p, s, b: cpu_kernels.packed_quantized_dense(x, p, s, b, heads * dh, heads=heads))
+    fn = jax.jit(lambda x, p, s, b: cpu_kernels.packed_dense(x, p, b, heads * dh, heads=heads, scale=s))
     got = np.asarray(fn(x, dense["pqkernel"], scale, b))                                # [B, N, S, D]
     flat = np.asarray(x, np.float64) @ np.asarray(quantization.dequantize_kernel(q, s), np.float64) + b
     want = flat.reshape(2, 11, heads, dh).transpose(0, 2, 1, 3)
@@ -521,7 +521,7 @@ def test_an_int8_table_packed_for_the_tied_head_gives_its_logits(kernels):
     q, s = quantization.quantize_int8(table, axis=-1)
     tree = cpu_kernels.pack_kernels({"word_embeddings": {"qembedding": q, "qscale": s}}, True)["word_embeddings"]
     assert tree["qembedding"] is q and tree["pqembedding"].dtype == jnp.int8            # lookups keep the table
-    fn = jax.jit(lambda h, p, s, b: cpu_kernels.packed_quantized_dense(h, p, s, b, 8000))
+    fn = jax.jit(lambda h, p, s, b: cpu_kernels.packed_dense(h, p, b, 8000, scale=s))
     want = np.asarray(h, np.float64) @ (np.asarray(q, np.float64) * np.asarray(s, np.float64)[:, None]).T + bias
     got = np.asarray(fn(h, tree["pqembedding"], s, bias))
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
