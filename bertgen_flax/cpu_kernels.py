@@ -631,6 +631,11 @@ def packed_dense(x: jax.Array, wp: jax.Array, b: jax.Array, n: int, activation: 
     [B, heads, S, n / heads] (head-major, written so by the product). Inference only."""
     code = 0 if activation is None else getattr(activation, "kernel_code", None)
     kind = jnp.dtype(wp.dtype).name
+    if kind not in _PACKED_TARGETS:
+        raise ValueError(f"packed_dense: {kind} panels are not a packed form (float32, int8, or packed int4 as uint8)")
+    if (scale is None) != (kind == "float32"):
+        raise ValueError(f"packed_dense: {kind} panels {'need' if scale is None else 'take no'} scales (float32 "
+                         f"panels take none; int8 and packed int4 panels need theirs)")
     weights = (wp,) if scale is None else (wp, scale)
 
     def xla(x, wp, *rest):

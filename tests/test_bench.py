@@ -206,6 +206,8 @@ def test_the_ab_bench_times_a_quantized_model_when_asked():
     assert bad.returncode == 2 and "--quantize: invalid choice: 'int3'" in bad.stderr
     bad = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode == 2 and "--batch must be at least 1, got 0" in bad.stderr
+    bad = subprocess.run(cmd + ["--preset", "l99"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode == 2 and "--preset: invalid choice: 'l99'" in bad.stderr
 
 
 def test_the_training_bench_checks_a_tiny_step_and_reports_xla_plan_of_our_memory(tmp_path, capsys):

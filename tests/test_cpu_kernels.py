@@ -514,6 +514,16 @@ def test_packed_quantized_keys_and_values_come_out_head_major(kernels, mode, in_
     assert ("transpose" not in hlo) == in_panels
 
 
+def test_packed_panels_given_the_wrong_scales_say_what_they_need(kernels):
+    x, wp, b = jnp.ones((9, 4)), jnp.ones((1, 4, cpu_kernels._PANEL), jnp.int8), jnp.ones(5)
+    with pytest.raises(ValueError, match=r"int8 panels need scales"):
+        cpu_kernels.packed_dense(x, wp, b, 5)
+    with pytest.raises(ValueError, match=r"float32 panels take no scales"):
+        cpu_kernels.packed_dense(x, wp.astype(jnp.float32), b, 5, scale=jnp.ones(5))
+    with pytest.raises(ValueError, match=r"int16 panels are not a packed form"):
+        cpu_kernels.packed_dense(x, wp.astype(jnp.int16), b, 5)
+
+
 def test_an_int8_table_packed_for_the_tied_head_gives_its_logits(kernels):
     from bertgen_flax import quantization
     rng = np.random.default_rng(6)
