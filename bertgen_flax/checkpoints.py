@@ -33,9 +33,15 @@ class CheckpointError(ValueError):
     """A weight file or directory that cannot be read as a checkpoint."""
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one ``.safetensors`` file as numpy arrays."""
+def read_safetensors(path: str, mapped: bool = False) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file as numpy arrays.
+
+    Each tensor is read straight into its own array, so reading holds one copy of the weights (a whole-file buffer
+    sliced into copies would need two). With ``mapped`` the arrays are read-only maps of the file instead: nothing
+    is read until used, so a loader that converts and drops them one by one never holds them all (copy what you
+    keep: a map follows the file)."""
     size = os.path.getsize(path)
+    out: dict[str, np.ndarray] = {}
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -48,46 +54,55 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
-        data = f.read()
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _SAFE_DTYPES[info["dtype"]]
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        if end > len(data) or end - start != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise CheckpointError(f"{path} is truncated or corrupt: tensor {name!r} needs bytes {start}..{end} "
-                                  f"of {len(data)}")
-        out[name] = np.frombuffer(data, dtype=dtype.newbyteorder("<"), count=int(np.prod(shape, dtype=np.int64)),
-                                  offset=start).reshape(shape).astype(dtype, copy=True)
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
+        data_len = size - 8 - header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = _SAFE_DTYPES[info["dtype"]]
+                start, end = (int(x) for x in info["data_offsets"])
+                shape = tuple(int(n) for n in info["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            if not 0 <= start <= end <= data_len or end - start != nbytes:
+                raise CheckpointError(f"{path} is truncated or corrupt: tensor {name!r} needs bytes {start}..{end} "
+                                      f"of {data_len}")
+            if mapped and nbytes:
+                arr = np.memmap(f, dtype.newbyteorder("<"), "r", 8 + header_len + start, shape)
+            else:
+                arr = np.empty(shape, dtype.newbyteorder("<"))
+                f.seek(8 + header_len + start)
+                if f.readinto(arr.reshape(-1).view(np.uint8)) != nbytes:
+                    raise CheckpointError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
+            out[name] = arr.astype(dtype, copy=False)  # the native byte order (a no-op on little-endian hosts)
     return out
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
                       ) -> None:
-    """Writes ``tensors`` to ``path`` atomically (temporary file, then rename)."""
+    """Writes ``tensors`` to ``path`` atomically (temporary file, then rename), one tensor at a time: no copy of
+    the whole file is built in memory."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset, blobs = 0, []
+    offset = 0
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        if arr.dtype not in _SAFE_NAMES:
-            raise CheckpointError(f"cannot write tensor {name!r} of dtype {arr.dtype} to safetensors")
-        blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _SAFE_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
+        arr = np.asarray(tensors[name])
+        dtype = arr.dtype
+        if dtype not in _SAFE_NAMES:
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {dtype} to safetensors")
+        header[name] = {"dtype": _SAFE_NAMES[dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
     with atomic_file(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for blob in blobs:
-            f.write(blob)
+        for name in sorted(tensors):
+            arr = np.ascontiguousarray(tensors[name])
+            f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
 
 
 def read_torch_bin(path: str) -> dict[str, np.ndarray]:
@@ -103,8 +118,9 @@ def read_torch_bin(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {e}") from None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    out = {}
-    for name, tensor in state.items():
+    state, out = dict(state), {}
+    for name in list(state):
+        tensor = state.pop(name)  # each tensor's storage goes once it is converted: one copy of the weights at a time
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
         tensor = tensor.detach().cpu().contiguous()
@@ -115,10 +131,10 @@ def read_torch_bin(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _read_file(path: str) -> dict[str, np.ndarray]:
+def _read_file(path: str, mapped: bool) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise CheckpointError(f"weight file not found: {path}")
-    return read_safetensors(path) if path.endswith(".safetensors") else read_torch_bin(path)
+    return read_safetensors(path, mapped) if path.endswith(".safetensors") else read_torch_bin(path)
 
 
 def find_weights(directory: str) -> list[str]:
@@ -141,11 +157,12 @@ def find_weights(directory: str) -> list[str]:
                           f"({SAFE_INDEX} / {TORCH_INDEX})")
 
 
-def load_state_dict(directory: str) -> dict[str, np.ndarray]:
-    """Every tensor of an HF checkpoint directory (single file or shards) in one flat dict."""
+def load_state_dict(directory: str, mapped: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of an HF checkpoint directory (single file or shards) in one flat dict; ``mapped``: safetensors
+    files are mapped, not read (``read_safetensors``)."""
     state: dict[str, np.ndarray] = {}
     for path in find_weights(directory):
-        for name, arr in _read_file(path).items():
+        for name, arr in _read_file(path, mapped).items():
             if name in state:
                 raise CheckpointError(f"tensor {name!r} appears in more than one shard ({path})")
             state[name] = arr

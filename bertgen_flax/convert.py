@@ -308,19 +308,44 @@ def _map_leaves(tree: Mapping, fn) -> dict:
 
 # ---- the two directions ----------------------------------------------------------------------------------------
 def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expected: Mapping,
-                  init_params: Optional[Callable[[], Mapping]] = None, fold_token_type_embeddings: Optional[bool] = None
+                  init_params: Optional[Callable[[], Mapping]] = None, fold_token_type_embeddings: Optional[bool] = None,
+                  release: bool = False, transform: Optional[Callable[[tuple[str, ...], Any], Mapping[str, Any]]] = None
                   ) -> tuple[dict, Report]:
     """A PyTorch state dict -> a canonical (stacked) Flax param tree.
 
     ``expected`` is the tree of shapes the model's config implies (``jax.eval_shape`` of init). Keys the
     checkpoint lacks are taken from ``init_params()`` (called once, after every check passed) when the table
     marks them initialisable (cross-attention, LM head bias, projection); anything else missing, left over or of
-    the wrong shape is an error naming the keys.
+    the wrong shape is an error naming the keys. With ``release``, ``state`` is emptied and each array is dropped
+    once its leaf is built, so a caller that hands over its only reference holds about one copy of the weights
+    while converting, not two. ``transform(flax_path, array)`` takes each layer's array (or a leaf's one array) and
+    returns the leaves that replace it in its subtree, stacked over the layers afterwards (a loader quantizing
+    matrix by matrix, which then never holds a whole float leaf).
     """
     report = Report()
-    state = adapt(state, kind, config, report, fold_token_type_embeddings)
+    adapted = adapt(state, kind, config, report, fold_token_type_embeddings)
+    if release:
+        state.clear()
+    state = adapted
     tied_head = _tied_head_keys(kind, config)
     params: dict = {}
+
+    def put(path: tuple[str, ...], layers: list, layered: bool) -> None:
+        """Sets the leaf at ``path`` from its layers' arrays (stacked when ``layered``), emptying ``layers``: with a
+        ``transform`` each layer is transformed before stacking, so one float layer is in memory at a time."""
+        if transform is None:
+            leaf = np.stack(layers) if layered else layers[0]
+            set_path(params, path, np.array(leaf) if isinstance(leaf, np.memmap) else leaf)  # never a map of a file
+            layers.clear()
+            return
+        parts = []
+        for i in range(len(layers)):
+            parts.append(transform(path, layers[i]))
+            layers[i] = None  # that layer's file pages (or array) can go now
+        for name in parts[0]:
+            leaves = [p[name] for p in parts]
+            set_path(params, path[:-1] + (name,), np.stack([np.asarray(x) for x in leaves]) if layered else leaves[0])
+
     missing, bad_shape, used = [], [], set()
     to_init: list[tuple[Entry, list[Optional[np.ndarray]]]] = []  # filled after every check passed
 
@@ -342,12 +367,15 @@ def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expec
                 bad_shape.append(f"{key} -> {'/'.join(e.flax_path)}: checkpoint {tuple(state[key].shape)}, config "
                                  f"expects {layer_shape[::-1] if e.transpose else layer_shape}")
             arrays.append(value)
+        report.mapped += [k for k, a in zip(keys, arrays) if a is not None]
         if any(a is None for a in arrays):
             to_init.append((e, arrays))
             report.initialised += [k for k, a in zip(keys, arrays) if a is None]
-        elif not any(a.shape != layer_shape for a in arrays):
-            set_path(params, e.flax_path, np.stack(arrays) if e.layered else arrays[0])
-        report.mapped += [k for k, a in zip(keys, arrays) if a is not None]
+        elif all(a.shape == layer_shape for a in arrays):
+            if release:
+                state.update(dict.fromkeys(keys))  # the keys stay (for the unexpected-key check), the arrays go
+            value = None
+            put(e.flax_path, arrays, e.layered)
     unexpected = []
     for k in sorted(k for k in state if k not in used):
         if k in tied_head:
@@ -367,9 +395,8 @@ def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expec
         initial = init_params()
         for e, arrays in to_init:
             fresh = np.asarray(_get(initial, e.flax_path))
-            if e.layered:
-                fresh = np.stack([fresh[i] if a is None else a for i, a in enumerate(arrays)])
-            set_path(params, e.flax_path, fresh)
+            put(e.flax_path, [fresh[i] if a is None else a for i, a in enumerate(arrays)] if e.layered else [fresh],
+                e.layered)
     return params, report
 
 

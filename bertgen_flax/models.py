@@ -198,34 +198,42 @@ class PretrainedModel:
         quantized model (``PretrainedModel.quantize``). ``config_overrides`` replace config fields (e.g.
         ``is_decoder``).
         """
-        if quantize is not None and quantize not in quantization.MODES:
-            raise ValueError(f"unknown quantization {quantize!r}: choose one of {', '.join(quantization.MODES)}")
         if quantize is None:
             return cls._load(path, dtype, param_dtype, scan_layers, fold_token_type_embeddings, verbose,
                              config_overrides)
+        quantization.check_mode(quantize)
         # The float weights live (and are quantized) in host memory: only the quantized ones reach the device.
         with jax.default_device(jax.devices("cpu")[0]):
             model = cls._load(path, dtype, param_dtype, scan_layers, fold_token_type_embeddings, verbose,
-                              config_overrides).quantize(quantize)
+                              config_overrides, quantize)
         model.params = jax.device_put(model.params, jax.devices()[0])
         return model
 
     @classmethod
     def _load(cls, path: str, dtype: Any, param_dtype: Any, scan_layers: bool,
-              fold_token_type_embeddings: Optional[bool], verbose: bool, config_overrides: Mapping[str, Any]):
+              fold_token_type_embeddings: Optional[bool], verbose: bool, config_overrides: Mapping[str, Any],
+              quantize: Optional[str] = None):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         if is_native_checkpoint(path):
-            return cls._from_native(path, dtype, param_dtype, scan_layers, config_overrides)
+            model = cls._from_native(path, dtype, param_dtype, scan_layers, config_overrides)
+            return model.quantize(quantize) if quantize else model
         config = cls._prepare_config(cls._read_config(path, config_overrides))
-        state = checkpoints.load_state_dict(path)
+        # Mapped, not read: the conversion drops each file array once its leaf is built (stacked, cast, and with
+        # ``quantize`` quantized), so the whole float model is never in memory at once, nor twice.
+        state = checkpoints.load_state_dict(path, mapped=True)
         model = cls(config, params={}, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                     generation_config=_read_generation_config(path))
+        transform = None
+        if quantize:
+            def transform(flax_path: tuple[str, ...], value: np.ndarray) -> dict:
+                return quantization.quantize_leaf(flax_path, jnp.asarray(value, model.param_dtype), quantize)
         tree, report = convert.torch_to_flax(state, cls.kind, config, model._expected_shapes(),
                                              init_params=lambda: model._canonical_init(jax.random.PRNGKey(0)),
-                                             fold_token_type_embeddings=fold_token_type_embeddings)
-        del state  # the stacked tree holds copies of the layer weights: drop the checkpoint's before the device's
+                                             fold_token_type_embeddings=fold_token_type_embeddings, release=True,
+                                             transform=transform)
         model.params = model._from_canonical(tree)
+        model.quantization = quantize
         model.load_report = report
         if verbose:
             print(report.summary())
@@ -351,18 +359,23 @@ class PretrainedModel:
 
 def _to_device(tree: dict, dtype: Any, unstack: bool) -> dict:
     """Moves ``tree``'s leaves to the device one at a time, popping each from ``tree``; with ``unstack``, stacked
-    ``layer`` subtrees become ``layer_0 .. layer_{L-1}`` (sliced on the host, where slices are views)."""
+    ``layer`` subtrees become ``layer_0 .. layer_{L-1}`` (sliced on the host, where slices are views). Float leaves
+    are cast to ``dtype``, except quantized weights' scales, which stay float32 (integer leaves keep theirs)."""
+    def cast(name: str, value: Any) -> jax.Array:
+        keep = name == "qscale" or not jnp.issubdtype(value.dtype, jnp.floating)
+        return jnp.asarray(value, None if keep else dtype)
+
     out: dict = {}
     for key in list(tree):
         value = tree.pop(key)
         if not isinstance(value, Mapping):
-            out[key] = jnp.asarray(value, dtype)
+            out[key] = cast(key, value)
         elif unstack and key == "layer":
             value = dict(value)
             for path in list(convert.flatten(value)):
                 stacked = convert.pop_path(value, path)
                 for i in range(stacked.shape[0]):
-                    convert.set_path(out.setdefault(f"layer_{i}", {}), path, jnp.asarray(stacked[i], dtype))
+                    convert.set_path(out.setdefault(f"layer_{i}", {}), path, cast(path[-1], stacked[i]))
                 del stacked
         else:
             out[key] = _to_device(value if isinstance(value, dict) else dict(value), dtype, unstack)

@@ -18,7 +18,8 @@ scanned and unrolled layouts both work (every function here accepts leading laye
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from functools import partial
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -153,41 +154,58 @@ def quantized_attend(h: Array, qembedding: Array, qscale: Array, dtype: Any) -> 
     return cpu_kernels.quantized_matmul_nt(h.astype(dtype), qembedding, qscale, xla)
 
 
-def _is_dense(node: Mapping) -> bool:
-    k = node.get("kernel")
-    return k is not None and not isinstance(k, Mapping) and getattr(k, "ndim", 0) >= 2
-
-
 _int8 = jax.jit(quantize_int8, static_argnames="axis")
 _int4 = jax.jit(quantize_int4, static_argnames="group_size")
+
+
+def _per_matrix(fn: Callable, w: Any) -> tuple:
+    """``fn`` over each [in, out] matrix of ``w`` [..., in, out], outputs stacked back: the same program for every
+    layer (stacked or not), with the working memory of one matrix (int4's clip search keeps several copies)."""
+    if w.ndim == 2:
+        return fn(w)
+    parts = [_per_matrix(fn, w[i]) for i in range(w.shape[0])]
+    return tuple(jnp.stack(p) for p in zip(*parts))
+
+
+def quantize_leaf(path: tuple[str, ...], value: Any, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    """The leaves that replace the parameter at ``path`` (its names down the tree) in a ``mode`` tree: a dense
+    ``kernel`` [..., in, out] becomes ``qkernel`` and ``qscale``, a ``word_embeddings/embedding`` table
+    ``qembedding`` and ``qscale``; anything else stays ``{path[-1]: value}``. One rule for a whole tree
+    (``quantize_params``) and for a loader that quantizes each matrix as it is read."""
+    name = path[-1]
+    if name == "kernel" and getattr(value, "ndim", 0) >= 2:
+        if mode == "int8" or value.shape[-2] % 2:  # an odd input width cannot pack: int8 instead
+            return dict(zip(("qkernel", "qscale"), _per_matrix(_int8, value)))
+        return dict(zip(("qkernel", "qscale"), _per_matrix(partial(_int4, group_size=group_size), value)))
+    if name == "embedding" and path[-2:-1] == ("word_embeddings",):
+        return dict(zip(("qembedding", "qscale"), _int8(value, axis=-1)))
+    return {name: value}
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}: choose one of {', '.join(MODES)}")
 
 
 def quantize_params(params: Mapping, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     """A quantized copy of a float parameter tree (scanned or unrolled); see the module docstring for the form.
 
-    Matrix by matrix, each in its own compiled call: the working memory is that of the largest matrix, not of
-    the whole model (one program over a 0.8-billion-weight tree asked for 34 GB)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}: choose one of {', '.join(MODES)}")
+    Matrix by matrix (each layer's too), each in its own compiled call: the working memory is that of the largest
+    matrix, not of the whole model (one program over a 0.8-billion-weight tree asked for 34 GB)."""
+    check_mode(mode)
     if is_quantized(params):
         raise ValueError("these parameters are already quantized")
 
-    def walk(node: Mapping, name: str) -> dict:
+    def walk(node: Mapping, path: tuple[str, ...]) -> dict:
         out = {}
-        if _is_dense(node):
-            if mode == "int8" or node["kernel"].shape[-2] % 2:  # an odd input width cannot pack: int8 instead
-                out["qkernel"], out["qscale"] = _int8(node["kernel"])
-            else:
-                out["qkernel"], out["qscale"] = _int4(node["kernel"], group_size=group_size)
-        elif name == "word_embeddings" and "embedding" in node:
-            out["qembedding"], out["qscale"] = _int8(node["embedding"], axis=-1)
         for key, value in node.items():
-            if key in ("kernel", "embedding") and ("qkernel" in out or "qembedding" in out):
-                continue
-            out[key] = walk(value, key) if isinstance(value, Mapping) else value
+            if isinstance(value, Mapping):
+                out[key] = walk(value, path + (key,))
+            else:
+                out.update(quantize_leaf(path + (key,), value, mode, group_size))
         return out
 
-    return walk(params, "")
+    return walk(params, ())
 
 
 def is_quantized(params: Mapping) -> bool:

@@ -1,5 +1,6 @@
 """Weight-only int8 / int4 quantization: the number formats, the modules reading them, what a quantized model
 keeps of the float model (real MiniLM weights, a model trained here), and the refusals."""
+import os
 import subprocess
 import sys
 
@@ -149,6 +150,37 @@ def test_quantized_models_use_a_quarter_and_under_a_fifth_of_the_float_bytes():
     assert Q.param_bytes(model.quantize("int4").params) < 0.21 * full
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_loading_with_quantize_gives_the_weights_of_quantizing_the_loaded_model(mode, scan_layers):
+    """from_pretrained quantizes each matrix as it converts it (never holding the float model whole); the result
+    is the tree ``quantize`` makes from the float model, leaf for leaf."""
+    want = bg.EncoderDecoderModel.from_pretrained(_tiny_checkpoint(), scan_layers=scan_layers).quantize(mode)
+    got = bg.EncoderDecoderModel.from_pretrained(_tiny_checkpoint(), scan_layers=scan_layers, quantize=mode)
+    assert got.quantization == mode
+    want, got = flatten(want.params), flatten(got.params)
+    assert set(got) == set(want)
+    for path, value in want.items():
+        assert got[path].dtype == value.dtype and np.array_equal(np.asarray(got[path]), np.asarray(value)), path
+
+
+def test_loading_with_quantize_never_holds_the_float_weights_on_the_host(tmp_path):
+    """The file is mapped and each matrix quantized once built: the host arrays allocated meanwhile stay far below
+    the checkpoint's size (before: the float tree, and the file's arrays beside it, over twice its size)."""
+    import tracemalloc
+    wide = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
+    seq2seq_checkpoint(tmp_path / "wide", enc=wide, dec=wide)
+    size = os.path.getsize(tmp_path / "wide" / "model.safetensors")
+    tracemalloc.start()
+    try:
+        model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "wide"), quantize="int8")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert Q.param_bytes(model.params) < 0.3 * size
+    assert peak < 0.5 * size, (peak, size)
+
+
 def test_saving_or_exporting_a_quantized_model_is_refused_naming_the_mode(tmp_path):
     quantized = bg.EncoderDecoderModel.from_pretrained(_tiny_checkpoint(), quantize="int8")
     assert quantized.quantization == "int8" and "weights int8" in repr(quantized)
@@ -164,16 +196,9 @@ def test_saving_or_exporting_a_quantized_model_is_refused_naming_the_mode(tmp_pa
 # Agreement with the float model on a model trained here
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """fusion_tiny.toml (Rnd2Rnd, hidden 128, 2+2 layers) trained for 400 steps and exported with its tokenizer."""
-    out = tmp_path_factory.mktemp("quant-train") / "run"
-    proc = subprocess.run([sys.executable, "-m", "bertgen_flax", "train", "--config",
-                           str(REPO / "train" / "fusion_tiny.toml"), "--quiet", f"run.output_dir={out}",
-                           "run.steps=400", "run.eval_every=0", "run.log_every=100", "run.save_every=400",
-                           "run.plot=false", "data.synthetic_eval=64"],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return str(out / "export")
+def trained(fusion_tiny_run):
+    """fusion_tiny.toml trained for 500 steps (conftest) and exported with its tokenizer."""
+    return str(fusion_tiny_run / "export")
 
 
 def _fusion_inputs(path, n=128):
