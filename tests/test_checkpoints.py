@@ -181,6 +181,33 @@ def test_writing_and_reading_safetensors_build_no_whole_file_buffer(tmp_path):
     assert read < 1.1 * size, read
 
 
+def test_mapped_reading_gives_the_arrays_of_reading(tmp_path):
+    tensors = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3), "bf16": np.array([1.5, -2.0], ml_dtypes.bfloat16),
+               "empty": np.zeros((0, 4), np.float32), "scalar": np.array(3, np.int64)}
+    path = str(tmp_path / "x.safetensors")
+    checkpoints.write_safetensors(path, tensors)
+    mapped = checkpoints.read_safetensors(path, mapped=True)
+    assert all(mapped[k].dtype == v.dtype and mapped[k].shape == v.shape and np.array_equal(mapped[k], v)
+               for k, v in tensors.items())
+
+
+def test_a_loaded_model_keeps_its_weights_when_the_file_is_overwritten_in_place(hf_dir, tmp_path):
+    """Loading maps the file, but the parameters are copies: writing over the file afterwards changes nothing."""
+    import shutil
+    shutil.copytree(hf_dir, tmp_path / "m")
+    model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "m"))
+    before = jax.tree_util.tree_map(np.array, model.params)
+    path = tmp_path / "m" / checkpoints.SAFE_WEIGHTS
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        (header_len,) = np.frombuffer(f.read(8), "<u8")
+        f.seek(8 + int(header_len))
+        f.write(b"\x7f" * (size - 8 - int(header_len)))  # every weight becomes a NaN
+    after = jax.tree_util.tree_map(np.array, model.params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before),
+                                                   jax.tree_util.tree_leaves(after)))
+
+
 def test_loading_a_checkpoint_holds_about_one_host_copy_of_the_weights(tmp_path):
     """Reading, renaming and stacking the layers drop each checkpoint array once it is stacked: the host never
     holds the file's arrays and the stacked tree whole at the same time."""
