@@ -7,8 +7,10 @@ dtype, bfloat16 included, round-trips bit for bit, and a truncated or corrupt fi
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import weakref
 from typing import Mapping
 
 import ml_dtypes
@@ -37,11 +39,13 @@ def read_safetensors(path: str, mapped: bool = False) -> dict[str, np.ndarray]:
     """All tensors of one ``.safetensors`` file as numpy arrays.
 
     Each tensor is read straight into its own array, so reading holds one copy of the weights (a whole-file buffer
-    sliced into copies would need two). With ``mapped`` the arrays are read-only maps of the file instead: nothing
-    is read until used, so a loader that converts and drops them one by one never holds them all (copy what you
-    keep: a map follows the file)."""
+    sliced into copies would need two). With ``mapped`` the arrays are read-only views of one map of the file
+    instead (one file descriptor however many tensors): nothing is read until used, and the pages of an array are
+    handed back once it is dropped, so a loader that converts and drops them one by one never holds them all. Copy
+    what you keep: a view follows the file."""
     size = os.path.getsize(path)
     out: dict[str, np.ndarray] = {}
+    whole = None  # the file's one map, when mapped
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -71,7 +75,8 @@ def read_safetensors(path: str, mapped: bool = False) -> dict[str, np.ndarray]:
                 raise CheckpointError(f"{path} is truncated or corrupt: tensor {name!r} needs bytes {start}..{end} "
                                       f"of {data_len}")
             if mapped and nbytes:
-                arr = np.memmap(f, dtype.newbyteorder("<"), "r", 8 + header_len + start, shape)
+                whole = whole or mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                arr = _mapped_view(whole, 8 + header_len + start, dtype.newbyteorder("<"), shape)
             else:
                 arr = np.empty(shape, dtype.newbyteorder("<"))
                 f.seek(8 + header_len + start)
@@ -79,6 +84,25 @@ def read_safetensors(path: str, mapped: bool = False) -> dict[str, np.ndarray]:
                     raise CheckpointError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
             out[name] = arr.astype(dtype, copy=False)  # the native byte order (a no-op on little-endian hosts)
     return out
+
+
+def _mapped_view(whole: mmap.mmap, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """A read-only array over ``whole`` at ``offset``; when it is dropped its pages leave this process's memory
+    (``MADV_DONTNEED``: on a read-only file map that is always safe, a later access reads the file again)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(whole, dtype, count, offset)
+    first = offset - offset % mmap.PAGESIZE
+    # on ``flat``, the base numpy gives every view of it (reshaped, transposed): it goes when the last view goes
+    weakref.finalize(flat, _drop_pages, whole, first, offset + count * dtype.itemsize - first)
+    return flat.reshape(shape)
+
+
+def _drop_pages(whole: mmap.mmap, start: int, length: int) -> None:
+    if not whole.closed and hasattr(whole, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            whole.madvise(mmap.MADV_DONTNEED, start, length)
+        except (OSError, ValueError):
+            pass  # only memory is at stake, never the values
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None

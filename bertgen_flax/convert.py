@@ -335,7 +335,8 @@ def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expec
         ``transform`` each layer is transformed before stacking, so one float layer is in memory at a time."""
         if transform is None:
             leaf = np.stack(layers) if layered else layers[0]
-            set_path(params, path, np.array(leaf) if isinstance(leaf, np.memmap) else leaf)  # never a map of a file
+            # a read-only leaf is a view of a mapped file: the tree gets a copy, never the map
+            set_path(params, path, leaf if leaf.flags.writeable else np.array(leaf))
             layers.clear()
             return
         parts = []

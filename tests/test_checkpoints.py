@@ -191,6 +191,16 @@ def test_mapped_reading_gives_the_arrays_of_reading(tmp_path):
                for k, v in tensors.items())
 
 
+def test_mapped_reading_holds_one_file_descriptor_however_many_tensors(tmp_path):
+    """One map per file: a checkpoint of thousands of tensors must not run into the open-files limit."""
+    path = str(tmp_path / "many.safetensors")
+    checkpoints.write_safetensors(path, {f"t{i}": np.full(3, i, np.float32) for i in range(3000)})
+    before = len(os.listdir("/proc/self/fd"))
+    mapped = checkpoints.read_safetensors(path, mapped=True)
+    assert len(os.listdir("/proc/self/fd")) - before <= 1
+    assert all(mapped[f"t{i}"][0] == i for i in (0, 1234, 2999))
+
+
 def test_a_loaded_model_keeps_its_weights_when_the_file_is_overwritten_in_place(hf_dir, tmp_path):
     """Loading maps the file, but the parameters are copies: writing over the file afterwards changes nothing."""
     import shutil
