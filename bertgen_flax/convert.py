@@ -375,7 +375,7 @@ def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expec
         elif all(a.shape == layer_shape for a in arrays):
             if release:
                 state.update(dict.fromkeys(keys))  # the keys stay (for the unexpected-key check), the arrays go
-            value = None
+            value = None  # the loop's last view, too, must not outlive ``put`` (its pages go with it)
             put(e.flax_path, arrays, e.layered)
     unexpected = []
     for k in sorted(k for k in state if k not in used):

@@ -94,6 +94,26 @@ def seq2seq_checkpoint(path, seed: int = 0, scale: float = 0.1, enc: dict | None
     return model
 
 
+def traced_peak(fn):
+    """``fn()`` and the peak of the memory Python and numpy allocated meanwhile (tracemalloc sees numpy's arrays,
+    not XLA's buffers nor mapped file pages)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def wide_checkpoint(path) -> int:
+    """A bert2bert whose layers outweigh its embeddings (hidden 256, 4+4 layers, ~30 MB) saved at ``path``, for
+    memory measurements; returns the size of its weight file."""
+    wide = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
+    seq2seq_checkpoint(path, enc=wide, dec=wide)
+    return os.path.getsize(os.path.join(path, "model.safetensors"))
+
+
 def user_env() -> dict:
     """The environment a user's shell would give a subprocess: no simulated devices from other test modules."""
     env = dict(os.environ)

@@ -12,7 +12,7 @@ import transformers
 import bertgen_flax as bg
 from bertgen_flax import checkpoints
 
-from conftest import TINY, perturb_, seq2seq_checkpoint
+from conftest import TINY, perturb_, seq2seq_checkpoint, traced_peak, wide_checkpoint
 
 
 def _seq2seq(path, untied=False, seed=0):
@@ -155,18 +155,6 @@ def test_safetensors_writer_round_trips_every_dtype(tmp_path):
     assert np.array_equal(load_file(str(tmp_path / "x.safetensors"))["f32"], tensors["f32"])
 
 
-def _traced_peak(fn):
-    """``fn()`` and the peak of the memory Python and numpy allocated meanwhile (tracemalloc sees numpy's arrays,
-    not XLA's buffers)."""
-    import tracemalloc
-    tracemalloc.start()
-    try:
-        out = fn()
-        return out, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_writing_and_reading_safetensors_build_no_whole_file_buffer(tmp_path):
     """The writer streams each tensor to the file and the reader fills each array straight from it, so neither
     holds a second copy of the weights."""
@@ -174,8 +162,8 @@ def test_writing_and_reading_safetensors_build_no_whole_file_buffer(tmp_path):
     tensors = {f"w{i}": rng.standard_normal((512, 1024), np.float32) for i in range(8)}  # 16 MiB
     size = sum(a.nbytes for a in tensors.values())
     path = str(tmp_path / "x.safetensors")
-    _, written = _traced_peak(lambda: checkpoints.write_safetensors(path, tensors))
-    back, read = _traced_peak(lambda: checkpoints.read_safetensors(path))
+    _, written = traced_peak(lambda: checkpoints.write_safetensors(path, tensors))
+    back, read = traced_peak(lambda: checkpoints.read_safetensors(path))
     assert all(np.array_equal(back[k], v) for k, v in tensors.items())
     assert written < 0.1 * size, written
     assert read < 1.1 * size, read
@@ -221,10 +209,8 @@ def test_a_loaded_model_keeps_its_weights_when_the_file_is_overwritten_in_place(
 def test_loading_a_checkpoint_holds_about_one_host_copy_of_the_weights(tmp_path):
     """Reading, renaming and stacking the layers drop each checkpoint array once it is stacked: the host never
     holds the file's arrays and the stacked tree whole at the same time."""
-    wide = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
-    seq2seq_checkpoint(tmp_path / "wide", enc=wide, dec=wide)
-    size = os.path.getsize(tmp_path / "wide" / checkpoints.SAFE_WEIGHTS)
-    model, peak = _traced_peak(lambda: bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "wide")))
+    size = wide_checkpoint(tmp_path / "wide")
+    model, peak = traced_peak(lambda: bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "wide")))
     assert bg.quantization.param_bytes(model.params) > 0.95 * size
     assert peak < 1.5 * size, (peak, size)  # 2.1x before (the file's arrays and the stacked tree together)
 

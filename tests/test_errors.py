@@ -214,6 +214,19 @@ def test_truncated_safetensors_file_is_named(encoder_dir, tmp_path):
         bg.BertGenerationEncoder.from_pretrained(str(path))
 
 
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+def test_read_safetensors_names_a_truncated_file_and_a_header_that_is_not_an_object(tmp_path, mapped):
+    path = tmp_path / "x.safetensors"
+    checkpoints.write_safetensors(str(path), {"w": np.ones((4, 4), np.float32)})
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(bg.CheckpointError, match=r"x\.safetensors is truncated or corrupt: tensor 'w'"):
+        checkpoints.read_safetensors(str(path), mapped=mapped)
+    header = b"[1, 2]"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(bg.CheckpointError, match=r"x\.safetensors has a corrupt safetensors header: not a JSON"):
+        checkpoints.read_safetensors(str(path), mapped=mapped)
+
+
 def _bin_dir(encoder_dir, tmp_path):
     path = tmp_path / "bin"
     os.makedirs(path)

@@ -1,6 +1,5 @@
 """Weight-only int8 / int4 quantization: the number formats, the modules reading them, what a quantized model
 keeps of the float model (real MiniLM weights, a model trained here), and the refusals."""
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import bertgen_flax as bg
 from bertgen_flax import cli, quantization as Q
 from bertgen_flax.convert import flatten
 
-from conftest import REPO, seq2seq_checkpoint
+from conftest import REPO, seq2seq_checkpoint, traced_peak, wide_checkpoint
 
 sys.path.insert(0, str(REPO / "bench"))
 from bench_quant import agreement  # noqa: E402  (the benchmark's own agreement measure)
@@ -167,16 +166,8 @@ def test_loading_with_quantize_gives_the_weights_of_quantizing_the_loaded_model(
 def test_loading_with_quantize_never_holds_the_float_weights_on_the_host(tmp_path):
     """The file is mapped and each matrix quantized once built: the host arrays allocated meanwhile stay far below
     the checkpoint's size (before: the float tree, and the file's arrays beside it, over twice its size)."""
-    import tracemalloc
-    wide = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
-    seq2seq_checkpoint(tmp_path / "wide", enc=wide, dec=wide)
-    size = os.path.getsize(tmp_path / "wide" / "model.safetensors")
-    tracemalloc.start()
-    try:
-        model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "wide"), quantize="int8")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    size = wide_checkpoint(tmp_path / "wide")
+    model, peak = traced_peak(lambda: bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "wide"), quantize="int8"))
     assert Q.param_bytes(model.params) < 0.3 * size
     assert peak < 0.5 * size, (peak, size)
 
