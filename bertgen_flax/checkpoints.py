@@ -11,7 +11,8 @@ import mmap
 import os
 import struct
 import weakref
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping, Union
 
 import ml_dtypes
 import numpy as np
@@ -105,60 +106,212 @@ def _drop_pages(whole: mmap.mmap, start: int, length: int) -> None:
             pass  # only memory is at stake, never the values
 
 
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor made only when it is written: its shape and dtype are known up front (the file's header needs
+    them first), its values come from ``make()`` when its turn comes. A writer given these holds one tensor at a
+    time, not the whole state."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    make: Callable[[], np.ndarray]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        arr = np.asarray(self.make())
+        if arr.shape != tuple(self.shape) or arr.dtype != self.dtype:
+            raise CheckpointError(f"a lazy tensor promised {self.dtype}{list(self.shape)} and made "
+                                  f"{arr.dtype}{list(arr.shape)}")
+        return arr if dtype is None else arr.astype(dtype)
+
+
+Tensor = Union[np.ndarray, LazyTensor]
+
+
+def write_safetensors(path: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
                       ) -> None:
     """Writes ``tensors`` to ``path`` atomically (temporary file, then rename), one tensor at a time: no copy of
-    the whole file is built in memory."""
+    the whole file is built in memory, and a ``LazyTensor`` is made only when its bytes are written."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name in sorted(tensors):
-        arr = np.asarray(tensors[name])
-        dtype = arr.dtype
+        value = tensors[name]
+        if not isinstance(value, LazyTensor):
+            value = np.asarray(value)
+        dtype, shape = np.dtype(value.dtype), tuple(int(n) for n in value.shape)
         if dtype not in _SAFE_NAMES:
             raise CheckpointError(f"cannot write tensor {name!r} of dtype {dtype} to safetensors")
-        header[name] = {"dtype": _SAFE_NAMES[dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": _SAFE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned
     with atomic_file(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for name in sorted(tensors):
-            arr = np.ascontiguousarray(tensors[name])
-            f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8))
+            arr = np.asarray(tensors[name])
+            if list(arr.shape) != header[name]["shape"] or _SAFE_NAMES.get(arr.dtype) != header[name]["dtype"]:
+                raise CheckpointError(f"tensor {name!r} changed while it was written")  # header and data must agree
+            arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+            f.write(arr.reshape(-1).view(np.uint8))
+            del arr
 
 
-def read_torch_bin(path: str) -> dict[str, np.ndarray]:
-    """A ``pytorch_model.bin`` state dict, loaded with ``weights_only=True`` so the pickle can never run code."""
+# torch's storage classes, as its zip files name them, and the numpy dtype of their elements
+_TORCH_STORAGES = {
+    "FloatStorage": np.dtype("float32"), "DoubleStorage": np.dtype("float64"), "HalfStorage": np.dtype("float16"),
+    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16), "LongStorage": np.dtype("int64"),
+    "IntStorage": np.dtype("int32"), "ShortStorage": np.dtype("int16"), "CharStorage": np.dtype("int8"),
+    "ByteStorage": np.dtype("uint8"), "BoolStorage": np.dtype("bool"), "UntypedStorage": np.dtype("uint8"),
+}
+
+
+class _PickledDict(dict):
+    """What an ``OrderedDict`` unpickles to here: a dict that takes the attributes (``_metadata``) a state dict
+    carries."""
+
+
+class _NotPlainStateDict(Exception):
+    """A ``.bin`` our reader does not take (an old or unusual layout, or a global it does not know); torch may."""
+
+
+def read_torch_bin(path: str, mapped: bool = False) -> dict[str, np.ndarray]:
+    """A ``pytorch_model.bin`` state dict as numpy arrays.
+
+    torch's zip layout (every file torch has written since 1.6) is read here without torch: a pickle that may
+    name only tensors, their storages and ordered dicts (nothing in it can run code), and one uncompressed entry
+    per storage, which is read, or with ``mapped`` mapped, like a safetensors file (``read_safetensors``). Other
+    layouts (pre-1.6 pickles, tensor subclasses) go to ``torch.load(weights_only=True)``, which also refuses any
+    pickle that would run code."""
+    try:
+        state = _read_torch_zip(path, mapped)
+    except _NotPlainStateDict as e:
+        state = _read_torch_bin_with_torch(path, why=str(e))
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    state, out = dict(state), {}
+    for name in list(state):
+        arr = state.pop(name)  # each array goes once it is converted: one copy of the weights at a time
+        if not isinstance(arr, np.ndarray):
+            raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
+        out[name] = arr if mapped else np.array(arr)
+    return out
+
+
+def _read_torch_zip(path: str, mapped: bool) -> object:
+    """The unpickled state of one torch zip file, tensors as read-only numpy views of one map of the file."""
+    import pickle
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise _NotPlainStateDict
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {e}") from None
+    with archive, open(path, "rb") as f:
+        infos = {i.filename: i for i in archive.infolist()}
+        pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise _NotPlainStateDict
+        root = pickles[0][:-len("data.pkl")]
+        order = infos.get(root + "byteorder")
+        if order is not None and archive.read(order).strip() != b"little":
+            raise _NotPlainStateDict  # a big-endian writer: rare enough to leave to torch
+        whole = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        storages: dict[str, np.ndarray] = {}
+
+        def storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+            if key not in storages:
+                info = infos.get(f"{root}data/{key}")
+                if info is None or info.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(f"{path} is corrupt: storage {key!r} is missing or compressed")
+                local = whole[info.header_offset:info.header_offset + 30]
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise CheckpointError(f"{path} is corrupt: no local header for storage {key!r}")
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                start = info.header_offset + 30 + name_len + extra_len
+                if info.file_size != numel * dtype.itemsize or start + info.file_size > len(whole):
+                    raise CheckpointError(f"{path} is truncated or corrupt: storage {key!r} holds {info.file_size} "
+                                          f"bytes where {numel} x {dtype} were announced")
+                storages[key] = (_mapped_view(whole, start, dtype, (numel,)) if numel
+                                 else np.empty(0, dtype))
+            return storages[key]
+
+        def rebuild(store: np.ndarray, offset: int, size: tuple, stride: tuple, *_: object) -> np.ndarray:
+            size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+            last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else offset - 1
+            if offset < 0 or last >= store.size or min(stride, default=0) < 0:
+                raise CheckpointError(f"{path} is corrupt: a tensor of shape {list(size)} reaches past its storage")
+            if not all(size):
+                return np.empty(size, store.dtype)
+            return np.lib.stride_tricks.as_strided(store[offset:], size, [n * store.itemsize for n in stride],
+                                                   writeable=False)
+
+        def parameter(data: np.ndarray, *_: object) -> np.ndarray:
+            return data
+
+        allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("torch._utils", "_rebuild_parameter"): parameter,
+                   ("torch._utils", "_rebuild_parameter_with_state"): parameter,
+                   ("collections", "OrderedDict"): _PickledDict}
+
+        class Reader(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> object:
+                if (module, name) in allowed:
+                    return allowed[module, name]
+                if module == "torch" and name in _TORCH_STORAGES:
+                    return _TORCH_STORAGES[name]
+                raise _NotPlainStateDict(f"{module}.{name}")
+
+            def persistent_load(self, pid: object) -> np.ndarray:
+                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                        and isinstance(pid[1], np.dtype)):
+                    raise _NotPlainStateDict(f"persistent id {pid!r}")
+                return storage(str(pid[2]), pid[1], int(pid[4]))
+
+        try:
+            return Reader(archive.open(pickles[0])).load()
+        except (_NotPlainStateDict, CheckpointError):
+            raise
+        except Exception as e:  # a corrupt pickle raises many kinds
+            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {e}") from None
+        finally:
+            # The local Reader class is in a reference cycle that only the cyclic collector breaks: what it
+            # reaches must not include the storages, or every page read would stay resident until it runs.
+            storages.clear()
+
+
+def _read_torch_bin_with_torch(path: str, why: str) -> object:
+    """``torch.load(weights_only=True)``, tensors turned into numpy arrays one by one; ``why`` our reader
+    passed it on."""
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch "
-                              "(pip install 'bertgen-flax[torch]'), or convert the checkpoint to safetensors") from None
+        raise CheckpointError(f"{path} is a PyTorch pickle that needs torch to read ({why or 'not the zip layout of torch 1.6 and later'}): "
+                              "pip install 'bertgen-flax[torch]', or convert the checkpoint to safetensors") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for corrupt or unsafe files
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {e}") from None
     if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
+        return state
     state, out = dict(state), {}
     for name in list(state):
-        tensor = state.pop(name)  # each tensor's storage goes once it is converted: one copy of the weights at a time
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
-        tensor = tensor.detach().cpu().contiguous()
-        if tensor.dtype == torch.bfloat16:
-            out[name] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-        else:
-            out[name] = tensor.numpy().copy()
+        tensor = state.pop(name)
+        if isinstance(tensor, torch.Tensor):
+            tensor = tensor.detach().cpu().contiguous()
+            if tensor.dtype == torch.bfloat16:
+                tensor = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                tensor = tensor.numpy()
+            tensor = tensor.copy()
+        out[name] = tensor
     return out
 
 
 def _read_file(path: str, mapped: bool) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise CheckpointError(f"weight file not found: {path}")
-    return read_safetensors(path, mapped) if path.endswith(".safetensors") else read_torch_bin(path)
+    return read_safetensors(path, mapped) if path.endswith(".safetensors") else read_torch_bin(path, mapped)
 
 
 def find_weights(directory: str) -> list[str]:

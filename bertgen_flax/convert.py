@@ -401,33 +401,62 @@ def torch_to_flax(state: Mapping[str, np.ndarray], kind: str, config: Any, expec
     return params, report
 
 
-def flax_to_torch(params: Mapping, kind: str, config: Any) -> dict[str, np.ndarray]:
-    """A canonical (stacked) Flax param tree -> PyTorch state dict with transformers' key names.
+def flax_to_torch(params: Mapping, kind: str, config: Any, lazy: bool = False) -> dict[str, Any]:
+    """A Flax param tree (stacked or unrolled layers; numpy or jax leaves) -> PyTorch state dict with
+    transformers' key names.
 
-    Shared encoder-decoders get ``encoder.*`` copies of the decoder's stack as well, so transformers 5.x (which
-    ignores ``tie_encoder_decoder``) loads the right encoder and 4.57 (which ties them) reads identical values.
+    With ``lazy`` the values are ``checkpoints.LazyTensor``s: each PyTorch tensor (one layer's matrix, transposed)
+    is cut from the tree only when it is read, so a writer streaming them holds one at a time instead of a second
+    copy of the model. Shared encoder-decoders get ``encoder.*`` copies of the decoder's stack as well, so
+    transformers 5.x (which ignores ``tie_encoder_decoder``) loads the right encoder and 4.57 (which ties them)
+    reads identical values.
     """
-    out: dict[str, np.ndarray] = {}
+    from .checkpoints import LazyTensor
+
+    def tensor(e: Entry, i: Optional[int]) -> LazyTensor:
+        path, stacked = e.flax_path, False
+        if i is not None:
+            at = path.index("layer")
+            stacked = "layer" in _get(params, path[:at])  # else unrolled: layer_{i}
+            path = path if stacked else path[:at] + (f"layer_{i}",) + path[at + 1:]
+        leaf = _get(params, path)
+        shape = tuple(leaf.shape[1:] if stacked else leaf.shape)  # [L, ...] stacked
+
+        def make() -> np.ndarray:
+            return _torch_layout(host_array(leaf[i] if stacked else leaf), e.transpose)
+
+        return LazyTensor(shape[::-1] if e.transpose else shape, np.dtype(leaf.dtype), make)
+
+    out: dict[str, Any] = {}
     for e in model_entries(kind, config):
-        value = np.asarray(_get(params, e.flax_path))
         if e.layered:
             for i in range(_n_layers(config, kind, e)):
-                out[e.torch_key.replace(LAYER, str(i))] = _torch_layout(value[i], e.transpose)
+                out[e.torch_key.replace(LAYER, str(i))] = tensor(e, i)
         else:
-            out[e.torch_key] = _torch_layout(value, e.transpose)
+            out[e.torch_key] = tensor(e, None)
     if kind != ENCODER:  # transformers' alias of the head bias; 5.x reads it when the head is untied
         prefix = "decoder." if kind == ENCODER_DECODER else ""
-        out[f"{prefix}lm_head.decoder.bias"] = out[f"{prefix}lm_head.bias"].copy()
+        out[f"{prefix}lm_head.decoder.bias"] = out[f"{prefix}lm_head.bias"]
     if kind == ENCODER_DECODER and config.tie_encoder_decoder:
         enc_cfg = config.decoder.replace(add_cross_attention=False)
         for e in stack_entries(enc_cfg, "encoder."):
             src = e.torch_key.replace("encoder.", "decoder.bert.", 1)
             if e.layered:
                 for i in range(config.decoder.num_hidden_layers):
-                    out[e.torch_key.replace(LAYER, str(i))] = out[src.replace(LAYER, str(i))].copy()
+                    out[e.torch_key.replace(LAYER, str(i))] = out[src.replace(LAYER, str(i))]
             else:
-                out[e.torch_key] = out[src].copy()
-    return out
+                out[e.torch_key] = out[src]
+    return out if lazy else {k: np.asarray(v) for k, v in out.items()}
+
+
+def host_array(x: Any) -> np.ndarray:
+    """``x`` as a numpy array. A jax array off an accelerator is copied through a temporary CPU array, because
+    ``np.asarray`` would keep its host copy cached on the parameter itself (a second copy of the model, kept)."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "devices"):
+        import jax
+        if any(d.platform != "cpu" for d in x.devices()):
+            x = jax.device_put(x, jax.local_devices(backend="cpu")[0])
+    return np.asarray(x)
 
 
 def _torch_layout(value: np.ndarray, transpose: bool) -> np.ndarray:

@@ -168,7 +168,7 @@ class PretrainedModel:
     def canonical_params(self) -> dict:
         """Parameters with layers stacked on a leading axis (the checkpoint form), as numpy arrays."""
         self._refuse_if_quantized("export the parameters of")
-        tree = jax.tree_util.tree_map(np.asarray, self.params)
+        tree = jax.tree_util.tree_map(convert.host_array, self.params)
         return tree if self.scan_layers else convert.stack_layers(tree)
 
     def _from_canonical(self, tree: dict) -> dict:
@@ -260,8 +260,12 @@ class PretrainedModel:
 
     # ---- saving -------------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str) -> None:
-        """Writes an HF directory (config.json, model.safetensors, generation_config.json) transformers loads."""
-        state = convert.flax_to_torch(self.canonical_params(), self.kind, self.config)
+        """Writes an HF directory (config.json, model.safetensors, generation_config.json) transformers loads.
+
+        The tensors are cut from the parameters one at a time as they are written (``flax_to_torch(lazy=True)``),
+        so saving needs about one layer's matrix of host memory beyond the model, not a copy of it."""
+        self._refuse_if_quantized("save")
+        state = convert.flax_to_torch(self.params, self.kind, self.config, lazy=True)
 
         def write(tmp: str) -> None:
             checkpoints.write_safetensors(os.path.join(tmp, checkpoints.SAFE_WEIGHTS), state)
