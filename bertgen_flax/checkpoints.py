@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import pickle
 import struct
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import ml_dtypes
 import numpy as np
@@ -199,7 +200,6 @@ def read_torch_bin(path: str, mapped: bool = False) -> dict[str, np.ndarray]:
 
 def _read_torch_zip(path: str, mapped: bool) -> object:
     """The unpickled state of one torch zip file, tensors as read-only numpy views of one map of the file."""
-    import pickle
     import zipfile
 
     if not zipfile.is_zipfile(path):
@@ -253,31 +253,35 @@ def _read_torch_zip(path: str, mapped: bool) -> object:
         allowed = {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("torch._utils", "_rebuild_parameter"): parameter,
                    ("torch._utils", "_rebuild_parameter_with_state"): parameter,
                    ("collections", "OrderedDict"): _PickledDict}
-
-        class Reader(pickle.Unpickler):
-            def find_class(self, module: str, name: str) -> object:
-                if (module, name) in allowed:
-                    return allowed[module, name]
-                if module == "torch" and name in _TORCH_STORAGES:
-                    return _TORCH_STORAGES[name]
-                raise _NotPlainStateDict(f"{module}.{name}")
-
-            def persistent_load(self, pid: object) -> np.ndarray:
-                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                        and isinstance(pid[1], np.dtype)):
-                    raise _NotPlainStateDict(f"persistent id {pid!r}")
-                return storage(str(pid[2]), pid[1], int(pid[4]))
-
         try:
-            return Reader(archive.open(pickles[0])).load()
+            return _TorchUnpickler(archive.open(pickles[0]), allowed, storage).load()
         except (_NotPlainStateDict, CheckpointError):
             raise
         except Exception as e:  # a corrupt pickle raises many kinds
             raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {e}") from None
-        finally:
-            # The local Reader class is in a reference cycle that only the cyclic collector breaks: what it
-            # reaches must not include the storages, or every page read would stay resident until it runs.
-            storages.clear()
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    """Unpickles a torch zip file's ``data.pkl`` calling only the functions in ``allowed`` and making storages
+    with ``storage(key, dtype, numel)``. At module level on purpose: a class made inside the reader would sit in a
+    reference cycle, and whatever it reached (every storage, the map's file descriptor) would stay until the
+    cyclic garbage collector ran."""
+
+    def __init__(self, file: Any, allowed: dict, storage: Callable[[str, np.dtype, int], np.ndarray]) -> None:
+        super().__init__(file)
+        self._allowed, self._storage = allowed, storage
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._allowed:
+            return self._allowed[module, name]
+        if module == "torch" and name in _TORCH_STORAGES:
+            return _TORCH_STORAGES[name]
+        raise _NotPlainStateDict(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> np.ndarray:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], np.dtype)):
+            raise _NotPlainStateDict(f"persistent id {pid!r}")
+        return self._storage(str(pid[2]), pid[1], int(pid[4]))
 
 
 def _read_torch_bin_with_torch(path: str, why: str) -> object:
@@ -286,8 +290,9 @@ def _read_torch_bin_with_torch(path: str, why: str) -> object:
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{path} is a PyTorch pickle that needs torch to read ({why or 'not the zip layout of torch 1.6 and later'}): "
-                              "pip install 'bertgen-flax[torch]', or convert the checkpoint to safetensors") from None
+        why = why or "not the zip layout of torch 1.6 and later"
+        raise CheckpointError(f"{path} is a PyTorch pickle that needs torch to read ({why}): pip install "
+                              "'bertgen-flax[torch]', or convert the checkpoint to safetensors") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for corrupt or unsafe files
