@@ -2,7 +2,7 @@
 
 The seam to the model is two callables (closed over parameters by the caller):
 
-    prefill(cache, prompt [N, P]) -> (logits [N, V], cache)     # the whole prompt in one pass
+    prefill(cache, prompt [N, P]) -> (logits [N, V], cache)     # the whole prompt in one pass (or None: below)
     step(cache, tokens [N, 1])    -> (logits [N, V], cache)     # one token against the cache
     reorder(cache, rows [N])      -> cache                       # beam search: rows follow their parents
 
@@ -11,11 +11,12 @@ float32 outputs are token-for-token identical: logits processors in the same ord
 and beam search with transformers' vectorised bookkeeping (top 2K candidates, only an EOS among the top K may
 finish, the same length penalty and early-stopping heuristics).
 
-Loop: one ``lax.while_loop`` whose body picks the next token(s) from the current logits and then runs one model
-step for them; the last token is picked after the loop, so the loop never runs a forward pass whose logits nobody
-reads (except once, when the last running sequence finishes inside the body). There is no ``lax.cond`` around
-the model step: a conditional forces XLA to copy the attention cache on every step instead of updating it in
-place. No Python loop over steps and no host round trip per step.
+Loop: one ``lax.while_loop`` whose body runs one model step for the token(s) picked last and then picks the next
+from its logits, so no forward pass runs whose logits nobody reads. A one-token prompt (a seq2seq decoder's start
+token) needs no prefill: it is the loop's first step, so the model's step is traced and compiled once (tracing it
+outside the loop as well doubled the decoder's share of the compile). There is no ``lax.cond`` around the model
+step: a conditional forces XLA to copy the attention cache on every step instead of updating it in place. No
+Python loop over steps and no host round trip per step.
 """
 from __future__ import annotations
 
@@ -321,59 +322,62 @@ def top_k(x: Array, k: int, chunk: int = 64) -> tuple[Array, Array]:
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------
-def _run_loop(state: dict, select: Callable[[dict], dict], advance: Callable[[dict], tuple[Array, Any]],
-              done: Callable[[dict], Array], length: int) -> dict:
-    """Generates until ``done`` or ``length`` tokens.
+def _run_loop(state: dict, select: Callable[[dict, Array], dict], advance: Callable[[dict], tuple[Array, Any]],
+              done: Callable[[dict], Array], prompt_pass: Optional[Callable[[dict], tuple[Array, Any]]]) -> dict:
+    """Generates until ``done``: every iteration runs one forward pass (``advance``: (logits, cache) for the
+    token(s) picked last) and then picks the next token(s) from its logits (``select(s, logits)``, which advances
+    ``cur_len`` and leaves ``cache`` alone).
 
-    ``state`` holds ``cur_len``, ``logits`` (for the next token) and ``cache`` besides the search's bookkeeping.
-    ``select(s)`` picks the next token(s) from ``s["logits"]`` and advances ``cur_len``; it touches neither
-    ``logits`` nor ``cache``. ``advance(s)`` runs the model on what ``select`` picked: (logits, cache).
+    ``prompt_pass`` runs a whole prompt before the loop and its logits pick the first token there. Without one the
+    prompt is a single token and the loop's first forward pass is the prompt's own: the step is then traced (and
+    compiled) once, not a second time outside the loop. Either way no forward pass runs for the last token picked.
     """
-    def body(s):
-        s = select(s)
-        logits, cache = advance(s)
-        return dict(s, logits=logits.astype(jnp.float32), cache=cache)
+    def forward_then_select(s: dict, forward: Callable[[dict], tuple[Array, Any]]) -> dict:
+        logits, cache = forward(s)
+        return select(dict(s, cache=cache), logits.astype(jnp.float32))
 
-    def more_steps(s):  # after this body's token at least one more is due, so its forward pass is needed
-        return ~done(s) & (s["cur_len"] < length - 1)
-
-    s = jax.lax.while_loop(more_steps, body, state)
-    # The last token (or the only one left when the loop ended on done) needs no forward pass.
-    due = ~done(s) & (s["cur_len"] < length)
-    picked = select(s)
-    return {k: (v if k in ("logits", "cache") else
-                jax.tree_util.tree_map(lambda new, old: jnp.where(due, new, old), picked[k], v))
-            for k, v in s.items()}
+    if prompt_pass is not None:
+        picked = forward_then_select(state, prompt_pass)
+        due = ~done(state)  # no room for a new token (max_length reached by the prompt): keep the state as it is
+        state = {k: (v if k == "cache" else jax.tree_util.tree_map(lambda new, old: jnp.where(due, new, old),
+                                                                  v, state[k]))
+                 for k, v in picked.items()}
+    return jax.lax.while_loop(lambda s: ~done(s), lambda s: forward_then_select(s, advance), state)
 
 
-def generate(spec: SearchSpec, prefill: Callable, step: Callable, reorder: Callable, cache: Any,
+def generate(spec: SearchSpec, prefill: Optional[Callable], step: Callable, reorder: Callable, cache: Any,
              prompt: Array, rng: Optional[Array] = None, ignore_before: Optional[Array] = None,
              scores: bool = True) -> tuple[Array, Array, Array]:
     """Runs one search. ``prompt`` [N, P] already holds ``num_beams`` (or ``num_return_sequences``) copies of
     each input, grouped by input. Returns (sequences [B * R, max_length], scores [B * R], lengths [B * R]).
 
+    ``prefill=None``: the prompt is one token and ``step`` runs it, as the loop's first step (a seq2seq decoder's
+    start token); the model's step is then compiled once.
+
     Sequences are padded to ``max_length``; ``lengths`` gives the row lengths transformers would return before
     its batch-wide trim (the caller trims to the longest). With ``scores=False`` greedy search and sampling skip
     the per-step log-softmax of the sequence score and return zeros (beam search always needs it).
     """
+    if prefill is None and prompt.shape[1] != 1:
+        raise ValueError(f"a prompt of {prompt.shape[1]} tokens needs a prefill pass (only one token runs as a step)")
+    prompt_pass = None if prefill is None else (lambda s: prefill(s["cache"], prompt))
     if spec.num_beams > 1:
-        return _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before)
-    return _sample_or_greedy(spec, prefill, step, cache, prompt, rng, ignore_before, scores)
+        return _beam_search(spec, prompt_pass, step, reorder, cache, prompt, rng, ignore_before)
+    return _sample_or_greedy(spec, prompt_pass, step, cache, prompt, rng, ignore_before, scores)
 
 
-def _sample_or_greedy(spec, prefill, step, cache, prompt, rng, ignore_before, scores=True):
+def _sample_or_greedy(spec, prompt_pass, step, cache, prompt, rng, ignore_before, scores=True):
     n, p = prompt.shape
     length = spec.max_length
     sequences = jnp.full((n, length), spec.pad_token_id, jnp.int32).at[:, :p].set(prompt)
-    logits, cache = prefill(cache, prompt)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos = jnp.array(spec.eos_ids or (-1,), jnp.int32)
     state = dict(cur_len=jnp.array(p, jnp.int32), sequences=sequences, unfinished=jnp.ones((n,), bool),
-                 logits=logits.astype(jnp.float32), cache=cache, rng=rng, score=jnp.zeros((n,), jnp.float32),
-                 tokens=jnp.zeros((n,), jnp.int32))
+                 cache=cache, rng=rng, score=jnp.zeros((n,), jnp.float32),
+                 tokens=jnp.asarray(prompt[:, -1], jnp.int32))                  # what the next step reads
 
-    def select(s):
-        processed = process_scores(spec, s["logits"], s["sequences"], s["cur_len"], ignore_before)
+    def select(s, logits):
+        processed = process_scores(spec, logits, s["sequences"], s["cur_len"], ignore_before)
         rng, key = jax.random.split(s["rng"])
         if spec.do_sample:
             tokens = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
@@ -391,7 +395,7 @@ def _sample_or_greedy(spec, prefill, step, cache, prompt, rng, ignore_before, sc
                     tokens=tokens)
 
     state = _run_loop(state, select, lambda s: step(s["cache"], s["tokens"][:, None]),
-                      lambda s: _greedy_done(s, length), length)
+                      lambda s: _greedy_done(s, length), prompt_pass)
     final_len = jnp.full((n,), state["cur_len"])
     return state["sequences"], state["score"], final_len
 
@@ -400,7 +404,7 @@ def _greedy_done(s, length):
     return (s["cur_len"] >= length) | ~jnp.any(s["unfinished"])
 
 
-def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before):
+def _beam_search(spec, prompt_pass, step, reorder, cache, prompt, rng, ignore_before):
     """transformers' vectorised beam search (``GenerationMixin._beam_search``), with fixed shapes."""
     k = spec.num_beams
     n, p = prompt.shape
@@ -410,23 +414,22 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
     top_k_mask = jnp.arange(v_keep) < k
     fill = spec.beam_fill_id
     running = jnp.full((b, k, length), fill, jnp.int32).at[:, :, :p].set(prompt.reshape(b, k, p))
-    logits, cache = prefill(cache, prompt)
     eos = jnp.array(spec.eos_ids or (-1,), jnp.int32)
     state = dict(
         cur_len=jnp.array(p, jnp.int32), running=running, running_scores=jnp.zeros((b, k)).at[:, 1:].set(BEAM_NEG),
         sequences=running, beam_scores=jnp.full((b, k), BEAM_NEG), finished=jnp.zeros((b, k), bool),
         improvable=jnp.ones((b, 1), bool), stop=jnp.array(False),
         gen_len=jnp.zeros((b, k), jnp.int32), running_gen_len=jnp.zeros((b, k), jnp.int32),
-        logits=logits.astype(jnp.float32), cache=cache, rng=jax.random.PRNGKey(0) if rng is None else rng,
-        src_rows=jnp.zeros((n,), jnp.int32))
+        cache=cache, rng=jax.random.PRNGKey(0) if rng is None else rng,
+        src_rows=jnp.arange(n, dtype=jnp.int32))  # the rows the next step's cache comes from: each its own first
     rows = jnp.arange(b)[:, None]
     # length ** length_penalty as transformers computes it: a Python float, then used as a float32 scalar
     penalty = jnp.asarray(np.array([max(n, 1) ** spec.length_penalty for n in range(length + 1)], np.float32))
 
-    def select(s):
+    def select(s, logits):
         cur_len = s["cur_len"]
         flat_running = s["running"].reshape(n, length)
-        vocab = s["logits"].shape[-1]
+        vocab = logits.shape[-1]
 
         def scored(logits, running_scores):  # log_softmax, the processors, + the beams' scores: [B, K * V]
             log_probs = jax.nn.log_softmax(logits.reshape(n, vocab), axis=-1)
@@ -435,16 +438,16 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
 
         rng, key = jax.random.split(s["rng"])
         if spec.do_sample:  # sampling without replacement from softmax(acc): Gumbel top-k
-            acc = scored(s["logits"], s["running_scores"])
+            acc = scored(logits, s["running_scores"])
             gumbel = -jnp.log(-jnp.log(jax.random.uniform(key, acc.shape, minval=1e-20, maxval=1.0)))
             idx = top_k(jnp.where(jnp.isfinite(acc), acc + gumbel, NEG_INF), v_keep)[1]
             top_lp = jnp.take_along_axis(acc, idx, axis=1)
         elif _only_eos_bans(spec):  # one pass per row on the CPU: the [B, K * V] scores are never written
             top_lp, idx = cpu_kernels.beam_candidates(
-                s["logits"].reshape(b, k, vocab), s["running_scores"], eos, eos_banned(spec, cur_len), v_keep,
+                logits.reshape(b, k, vocab), s["running_scores"], eos, eos_banned(spec, cur_len), v_keep,
                 lambda x, r, e, f: top_k(scored(x, r), v_keep))                   # [B, 2K]
         else:
-            top_lp, idx = top_k(scored(s["logits"], s["running_scores"]), v_keep)  # [B, 2K]
+            top_lp, idx = top_k(scored(logits, s["running_scores"]), v_keep)  # [B, 2K]
         parent = idx // vocab
         token = (idx % vocab).astype(jnp.int32)
         top_seqs = s["running"][rows, parent]                                    # [B, 2K, L]
@@ -497,7 +500,7 @@ def _beam_search(spec, prefill, step, reorder, cache, prompt, rng, ignore_before
     def done(s):
         return s["stop"] | (s["cur_len"] >= length)
 
-    state = _run_loop(state, select, advance, done, length)
+    state = _run_loop(state, select, advance, done, prompt_pass)
     r = spec.num_return_sequences
     sequences = state["sequences"][:, :r].reshape(b * r, length)
     scores = state["beam_scores"][:, :r].reshape(b * r)

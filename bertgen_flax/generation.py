@@ -186,7 +186,7 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
             _, primed = stored.apply({"params": params}, enc, method=EncoderDecoderModule.prime_cross_attention,
                                      mutable=["cache"])
             cache = _merge(cache, _in_step_layout(primed["cache"], unrolled is not stored))
-            prefill = step
+            prefill = None  # the loop's first step (the decoder is traced once, inside the loop)
         else:
             # The prompt pass runs the decoder as `stored` and hands the steps its cache in their layout.
             cache = empty_cache(stored, (n, spec.max_length), enc, method=EncoderDecoderModule.decode)

@@ -199,6 +199,38 @@ def test_new_inputs_inside_a_bucket_do_not_recompile_with_the_padded_encoder(seq
     assert generation.TRACE_COUNTS["seq2seq"] == before
 
 
+@pytest.mark.parametrize("gen", [dict(), dict(num_beams=3)], ids=["greedy", "beam3"])
+def test_a_one_token_decoder_start_traces_the_decoder_step_once(seq2seq, monkeypatch, gen):
+    """The start token is the search loop's first step, not a pass of its own before the loop: the unrolled
+    decoder is traced and compiled once (at L-24 a second copy made the compile ~1.6x as long)."""
+    _, ours = seq2seq
+    real, seen = generation.decoding.generate, []
+
+    def counting(spec, prefill, step, *args, **kwargs):
+        def counted(*a):
+            seen.append("step")
+            return step(*a)
+        seen.extend(["prefill"] if prefill is not None else [])
+        return real(spec, prefill, counted, *args, **kwargs)
+
+    monkeypatch.setattr(generation.decoding, "generate", counting)
+    generation._seq2seq_program.cache_clear()  # trace anew
+    got = ours.generate(_source()[0], attention_mask=_source()[1], max_new_tokens=7, **gen)
+    assert seen == ["step"]
+    monkeypatch.setattr(generation.decoding, "generate", real)
+    generation._seq2seq_program.cache_clear()
+    assert np.array_equal(np.asarray(got), np.asarray(ours.generate(_source()[0], attention_mask=_source()[1],
+                                                                    max_new_tokens=7, **gen)))
+
+
+def test_a_search_without_a_prefill_pass_takes_one_prompt_token_only():
+    from bertgen_flax import decoding
+    spec = decoding.SearchSpec.build(decoding.GenerationConfig(max_length=4, pad_token_id=0), prompt_length=2)
+    step = lambda cache, tokens: (np.zeros((2, 5), np.float32), cache)  # noqa: E731
+    with pytest.raises(ValueError, match="a prompt of 2 tokens needs a prefill pass"):
+        decoding.generate(spec, None, step, lambda c, r: c, {}, np.ones((2, 2), np.int32))
+
+
 def test_the_packed_encoder_compiles_once_per_token_bucket(seq2seq):
     _, ours = seq2seq
     rng = np.random.default_rng(6)
