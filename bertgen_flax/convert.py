@@ -284,21 +284,23 @@ def unstack_layers(tree: Mapping) -> dict:
     return out
 
 
-def stack_layers(tree: Mapping) -> dict:
-    """Unrolled ``layer_i`` subtrees -> one stacked ``layer`` subtree (the canonical form)."""
+def stack_layers(tree: Mapping, stack: Optional[Callable[[list], Any]] = None) -> dict:
+    """Unrolled ``layer_i`` subtrees -> one stacked ``layer`` subtree (the canonical form); ``stack`` joins the
+    layers' arrays (default: on the host, ``np.stack``; ``jnp.stack`` keeps jax arrays on their device)."""
     out, layers = {}, {}
     for k, v in tree.items():
         m = re.fullmatch(r"layer_(\d+)", k)
         if m and isinstance(v, Mapping):
             layers[int(m.group(1))] = v
         elif isinstance(v, Mapping):
-            out[k] = stack_layers(v)
+            out[k] = stack_layers(v, stack)
         else:
             out[k] = v
     if layers:
         ordered = [layers[i] for i in range(len(layers))]
         import jax
-        out["layer"] = jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ordered)
+        join = stack or (lambda xs: np.stack([np.asarray(x) for x in xs]))
+        out["layer"] = jax.tree_util.tree_map(lambda *xs: join(list(xs)), *ordered)
     return out
 
 

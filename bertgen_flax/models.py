@@ -278,8 +278,12 @@ class PretrainedModel:
         write_dir_atomically(out_dir, write)
 
     def save_native(self, out_dir: str) -> None:
-        """Writes a native checkpoint: config.json, the marker file and an orbax tree of stacked params."""
-        tree = self.canonical_params()
+        """Writes a native checkpoint: config.json, the marker file and an orbax tree of stacked params.
+
+        The model's own (device) arrays are written, stacked on the device first when its layers are unrolled: no
+        host copy of the whole model is made (saving L-24 peaked at 2.5x the model's size with one)."""
+        self._refuse_if_quantized("save")
+        tree = self.params if self.scan_layers else convert.stack_layers(self.params, stack=jnp.stack)
 
         def write(tmp: str) -> None:
             save_native_params(os.path.join(tmp, NATIVE_PARAMS), tree)
@@ -393,11 +397,14 @@ def _read_generation_config(path: str) -> dict:
 
 
 def save_native_params(path: str, tree: Mapping) -> None:
-    """Stacked params -> an orbax checkpoint directory at ``path`` (which must not exist)."""
+    """Stacked params (jax or numpy arrays) -> an orbax checkpoint directory at ``path`` (which must not exist).
+
+    Written synchronously with at most 1 GB in flight: orbax's asynchronous checkpointer first copies every array
+    it is given (it must not change while written), and tensorstore then holds up to 96 GB of writes at once by
+    default. At L-24 (3.2 GB) that peaked 5.6 GB above the loaded model; this way 0.8 GB, in a third of the time."""
     import orbax.checkpoint as ocp
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(path), jax.tree_util.tree_map(np.asarray, tree))
-        ckptr.wait_until_finished()
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1)) as ckptr:
+        ckptr.save(os.path.abspath(path), args=ocp.args.StandardSave(dict(tree)))
 
 
 def restore_native_params(path: str, expected: Mapping) -> dict:

@@ -110,6 +110,15 @@ def test_native_checkpoint_loads_unrolled_with_the_same_outputs(hf_dir, tmp_path
                        np.asarray(unrolled(src, decoder_input_ids=tgt).logits), atol=1e-6)
 
 
+def test_an_unrolled_model_saves_the_native_checkpoint_a_stacked_one_saves(hf_dir, tmp_path):
+    stacked = bg.EncoderDecoderModel.from_pretrained(hf_dir)
+    bg.EncoderDecoderModel.from_pretrained(hf_dir, scan_layers=False).save_native(str(tmp_path / "native"))
+    again = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "native"))
+    a, b = bg.convert.flatten(stacked.params), bg.convert.flatten(again.params)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
 def test_native_checkpoint_of_another_kind_is_rejected(hf_dir, tmp_path):
     bg.EncoderDecoderModel.from_pretrained(hf_dir).save_native(str(tmp_path / "native"))
     with pytest.raises(bg.ConfigError, match="encoder-decoder"):
