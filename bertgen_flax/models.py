@@ -408,7 +408,11 @@ def save_native_params(path: str, tree: Mapping) -> None:
 
 
 def restore_native_params(path: str, expected: Mapping) -> dict:
-    """Restores stacked params, checking every path and shape against the config's."""
+    """Restores stacked params (jax arrays), checking every path and shape against the config's.
+
+    The arrays orbax made are returned as they are: numpy views of them (what this returned before) kept them
+    alive through a reference cycle, so a model's float weights outlived it until the cyclic garbage collector
+    ran (an L-24 native checkpoint loaded with ``quantize="int8"`` kept 4.2 GB resident instead of 1.5)."""
     import orbax.checkpoint as ocp
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -430,7 +434,7 @@ def restore_native_params(path: str, expected: Mapping) -> dict:
     except Exception as e:
         raise checkpoints.CheckpointError(f"cannot restore native params from {path}: {type(e).__name__}: {e}"
                                           ) from None
-    return jax.tree_util.tree_map(np.asarray, restored)
+    return dict(restored)
 
 
 class BertGenerationEncoder(PretrainedModel):
