@@ -171,6 +171,14 @@ class PretrainedModel:
         tree = jax.tree_util.tree_map(convert.host_array, self.params)
         return tree if self.scan_layers else convert.stack_layers(tree)
 
+    def _stacked_params(self) -> dict:
+        """The params with layers stacked (the checkpoint form) as jax arrays on their device. For use inside the
+        library instead of ``canonical_params``: a jax array made from a numpy view of another (``jnp.asarray``
+        aliases it) is freed only by the cyclic garbage collector, so views handed back to the device would keep
+        a second model's weights alive."""
+        self._refuse_if_quantized("export the parameters of")
+        return dict(self.params) if self.scan_layers else convert.stack_layers(self.params, stack=jnp.stack)
+
     def _from_canonical(self, tree: dict) -> dict:
         """The canonical (stacked, host) tree as device arrays in this model's layout. ``tree`` is emptied on the
         way: each host array is dropped once it is on the device, so loading holds one copy of the weights plus
@@ -283,7 +291,7 @@ class PretrainedModel:
         The model's own (device) arrays are written, stacked on the device first when its layers are unrolled: no
         host copy of the whole model is made (saving L-24 peaked at 2.5x the model's size with one)."""
         self._refuse_if_quantized("save")
-        tree = self.params if self.scan_layers else convert.stack_layers(self.params, stack=jnp.stack)
+        tree = self._stacked_params()
 
         def write(tmp: str) -> None:
             save_native_params(os.path.join(tmp, NATIVE_PARAMS), tree)
@@ -641,13 +649,13 @@ class EncoderDecoderModel(PretrainedModel):
         config = EncoderDecoderConfig.from_encoder_decoder_configs(
             enc_config, d, tie_encoder_decoder=tie_encoder_decoder, **ids)
         model = cls(config, params={}, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
-        tree = {"decoder": dec.canonical_params()}
+        tree = {"decoder": dec._stacked_params()}
         dr = dec.load_report
         report = convert.Report(mapped=["decoder." + k for k in dr.mapped],
                                 dropped=[("decoder." + k, why) for k, why in dr.dropped],
                                 initialised=["decoder." + k for k in dr.initialised])
         if not tie_encoder_decoder:
-            tree["encoder"] = enc.canonical_params()
+            tree["encoder"] = enc._stacked_params()
             report.mapped += ["encoder." + k for k in enc.load_report.mapped]
             report.dropped += [("encoder." + k, why) for k, why in enc.load_report.dropped]
         else:
