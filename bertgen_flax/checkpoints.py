@@ -184,7 +184,7 @@ def read_torch_bin(path: str, mapped: bool = False) -> dict[str, np.ndarray]:
     layouts (pre-1.6 pickles, tensor subclasses) go to ``torch.load(weights_only=True)``, which also refuses any
     pickle that would run code."""
     try:
-        state = _read_torch_zip(path, mapped)
+        state = _read_torch_zip(path)
     except _NotPlainStateDict as e:
         state = _read_torch_bin_with_torch(path, why=str(e))
     if not isinstance(state, Mapping):
@@ -194,11 +194,12 @@ def read_torch_bin(path: str, mapped: bool = False) -> dict[str, np.ndarray]:
         arr = state.pop(name)  # each array goes once it is converted: one copy of the weights at a time
         if not isinstance(arr, np.ndarray):
             raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
-        out[name] = arr if mapped else np.array(arr)
+        # a read-only array is a view of the file's map (torch's fallback made copies already)
+        out[name] = arr if mapped or arr.flags.writeable else np.array(arr)
     return out
 
 
-def _read_torch_zip(path: str, mapped: bool) -> object:
+def _read_torch_zip(path: str) -> object:
     """The unpickled state of one torch zip file, tensors as read-only numpy views of one map of the file."""
     import zipfile
 

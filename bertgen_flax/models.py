@@ -168,15 +168,13 @@ class PretrainedModel:
     def canonical_params(self) -> dict:
         """Parameters with layers stacked on a leading axis (the checkpoint form), as numpy arrays."""
         self._refuse_if_quantized("export the parameters of")
-        tree = jax.tree_util.tree_map(convert.host_array, self.params)
-        return tree if self.scan_layers else convert.stack_layers(tree)
+        return jax.tree_util.tree_map(convert.host_array, self._stacked_params())
 
     def _stacked_params(self) -> dict:
         """The params with layers stacked (the checkpoint form) as jax arrays on their device. For use inside the
         library instead of ``canonical_params``: a jax array made from a numpy view of another (``jnp.asarray``
         aliases it) is freed only by the cyclic garbage collector, so views handed back to the device would keep
         a second model's weights alive."""
-        self._refuse_if_quantized("export the parameters of")
         return dict(self.params) if self.scan_layers else convert.stack_layers(self.params, stack=jnp.stack)
 
     def _from_canonical(self, tree: dict) -> dict:
