@@ -114,6 +114,19 @@ def wide_checkpoint(path) -> int:
     return os.path.getsize(os.path.join(path, "model.safetensors"))
 
 
+def torch_state_dict(directory) -> dict:
+    """The weights of an HF checkpoint directory as a PyTorch state dict (to write a ``pytorch_model.bin``)."""
+    import torch
+    from bertgen_flax import checkpoints
+    return {k: torch.from_numpy(v) for k, v in checkpoints.load_state_dict(str(directory)).items()}
+
+
+def run_without_torch(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` in a user's environment where any import of torch fails."""
+    return subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code],
+                          capture_output=True, text=True, env=user_env())
+
+
 def user_env() -> dict:
     """The environment a user's shell would give a subprocess: no simulated devices from other test modules."""
     env = dict(os.environ)

@@ -3,8 +3,6 @@ import json
 import mmap
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import ml_dtypes
@@ -16,7 +14,8 @@ import transformers
 import bertgen_flax as bg
 from bertgen_flax import checkpoints
 
-from conftest import TINY, perturb_, seq2seq_checkpoint, traced_peak, user_env, wide_checkpoint
+from conftest import (TINY, perturb_, run_without_torch, seq2seq_checkpoint, torch_state_dict, traced_peak,
+                      wide_checkpoint)
 
 
 def _seq2seq(path, untied=False, seed=0):
@@ -119,42 +118,40 @@ def test_an_unrolled_model_saves_the_native_checkpoint_a_stacked_one_saves(hf_di
     assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
-def test_a_model_loaded_from_a_native_checkpoint_frees_its_weights_as_soon_as_it_is_dropped(hf_dir, tmp_path):
-    """Nothing from the restore keeps the weights alive through a reference cycle (numpy views of orbax's arrays
-    did: a quantized load kept the float model resident until the cyclic collector ran)."""
+def _arrays_left_by(load) -> list:
+    """The shapes of the jax arrays that the model ``load()`` returns leaves behind once dropped, with the cyclic
+    garbage collector off (what a reference cycle would keep alive)."""
     import gc
-    bg.EncoderDecoderModel.from_pretrained(hf_dir).save_native(str(tmp_path / "native"))
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
     gc.disable()
     try:
-        for quantize in (None, "int8"):
-            model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "native"), quantize=quantize)
-            assert bg.quantization.param_bytes(model.params) > 0
-            del model
-            assert [a.shape for a in jax.live_arrays() if id(a) not in before] == []
+        model = load()
+        assert bg.quantization.param_bytes(model.params) > 0
+        del model
+        return [a.shape for a in jax.live_arrays() if id(a) not in before]
     finally:
         gc.enable()
+
+
+def test_a_model_loaded_from_a_native_checkpoint_frees_its_weights_as_soon_as_it_is_dropped(hf_dir, tmp_path):
+    """Nothing from the restore keeps the weights alive through a reference cycle (numpy views of orbax's arrays
+    did: a quantized load kept the float model resident until the cyclic collector ran)."""
+    bg.EncoderDecoderModel.from_pretrained(hf_dir).save_native(str(tmp_path / "native"))
+    for quantize in (None, "int8"):
+        assert _arrays_left_by(lambda: bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "native"),
+                                                                            quantize=quantize)) == []
 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked", "unrolled"])
 def test_a_warm_started_model_frees_its_weights_as_soon_as_it_is_dropped(tmp_path, scan_layers):
     """The encoder and decoder loaded for a warm start hand their device arrays on, not numpy views of them
     (an array made from such a view is freed only by the cyclic collector: 185 MB of MiniLM bert2bert stayed)."""
-    import gc
     torch.manual_seed(3)
     transformers.BertGenerationEncoder(transformers.BertGenerationConfig(**TINY)).save_pretrained(tmp_path / "enc")
-    gc.collect()
-    before = {id(a) for a in jax.live_arrays()}
-    gc.disable()
-    try:
-        model = bg.EncoderDecoderModel.from_encoder_decoder_pretrained(str(tmp_path / "enc"), str(tmp_path / "enc"),
-                                                                       scan_layers=scan_layers)
-        assert bg.quantization.param_bytes(model.params) > 0
-        del model
-        assert [a.shape for a in jax.live_arrays() if id(a) not in before] == []
-    finally:
-        gc.enable()
+    enc = str(tmp_path / "enc")
+    assert _arrays_left_by(lambda: bg.EncoderDecoderModel.from_encoder_decoder_pretrained(
+        enc, enc, scan_layers=scan_layers)) == []
 
 
 def test_native_checkpoint_of_another_kind_is_rejected(hf_dir, tmp_path):
@@ -338,20 +335,23 @@ def test_pytorch_zip_files_are_read_as_torch_load_reads_them(tmp_path, mapped):
     assert mapped or all(v.flags.writeable for v in got.values())
 
 
+def _bin_copy(hf_dir, path) -> None:
+    """``hf_dir`` again at ``path``, its weights as a pytorch_model.bin (torch's zip layout)."""
+    os.makedirs(path)
+    torch.save(torch_state_dict(hf_dir), path / checkpoints.TORCH_WEIGHTS)
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(os.path.join(hf_dir, name), path / name)
+
+
 def test_pytorch_zip_files_are_read_without_importing_torch(hf_dir, tmp_path):
     """torch is for conversion and parity only: a pytorch_model.bin (torch's zip layout) loads without it."""
-    os.makedirs(tmp_path / "bin")
-    state = {k: torch.from_numpy(v) for k, v in checkpoints.load_state_dict(hf_dir).items()}
-    torch.save(state, tmp_path / "bin" / checkpoints.TORCH_WEIGHTS)
-    for name in ("config.json", "generation_config.json"):
-        shutil.copy(os.path.join(hf_dir, name), tmp_path / "bin" / name)
-    code = ("import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
-            "import numpy as np, jax, bertgen_flax as bg\n"
+    _bin_copy(hf_dir, tmp_path / "bin")
+    code = ("import numpy as np, jax, bertgen_flax as bg\n"
             f"a = bg.EncoderDecoderModel.from_pretrained({str(tmp_path / 'bin')!r})\n"
             f"b = bg.EncoderDecoderModel.from_pretrained({hf_dir!r})\n"
             "same = jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(x, y)), a.params, b.params)\n"
             "print(all(jax.tree_util.tree_leaves(same)))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=user_env())
+    proc = run_without_torch(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "True"
 
@@ -368,10 +368,7 @@ def test_mapped_pytorch_zip_reading_allocates_no_copy_of_the_weights(tmp_path):
 
 def test_a_model_loaded_from_pytorch_model_bin_keeps_its_weights_when_the_file_is_overwritten(hf_dir, tmp_path):
     import zipfile
-    os.makedirs(tmp_path / "bin")
-    torch.save({k: torch.from_numpy(v) for k, v in checkpoints.load_state_dict(hf_dir).items()},
-               tmp_path / "bin" / checkpoints.TORCH_WEIGHTS)
-    shutil.copy(os.path.join(hf_dir, "config.json"), tmp_path / "bin" / "config.json")
+    _bin_copy(hf_dir, tmp_path / "bin")
     model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "bin"))
     before = [np.array(x) for x in jax.tree_util.tree_leaves(model.params)]
     path = tmp_path / "bin" / checkpoints.TORCH_WEIGHTS

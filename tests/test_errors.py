@@ -2,8 +2,6 @@
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch
 import bertgen_flax as bg
 from bertgen_flax import checkpoints
 
-from conftest import TINY
+from conftest import TINY, run_without_torch, torch_state_dict
 
 V, P = TINY["vocab_size"], TINY["max_position_embeddings"]
 
@@ -256,7 +254,7 @@ class _RunsCode:
 def test_pickle_that_would_run_code_is_refused_without_running_it(encoder_dir, tmp_path):
     path = _bin_dir(encoder_dir, tmp_path)
     target = tmp_path / "pwned"
-    state = {k: torch.from_numpy(v) for k, v in checkpoints.load_state_dict(encoder_dir).items()}
+    state = torch_state_dict(encoder_dir)
     torch.save({**state, "payload": _RunsCode(str(target))}, path / "pytorch_model.bin")
     with pytest.raises(bg.CheckpointError, match=r"pytorch_model\.bin") as info:
         bg.BertGenerationEncoder.from_pretrained(str(path))
@@ -266,7 +264,7 @@ def test_pickle_that_would_run_code_is_refused_without_running_it(encoder_dir, t
 
 def test_pickle_with_a_non_tensor_entry_is_refused(encoder_dir, tmp_path):
     path = _bin_dir(encoder_dir, tmp_path)
-    state = {k: torch.from_numpy(v) for k, v in checkpoints.load_state_dict(encoder_dir).items()}
+    state = torch_state_dict(encoder_dir)
     torch.save({**state, "step": 1000}, path / "pytorch_model.bin")
     with pytest.raises(bg.CheckpointError, match=r"pytorch_model\.bin: entry 'step' is not a tensor"):
         bg.BertGenerationEncoder.from_pretrained(str(path))
@@ -291,7 +289,7 @@ def test_plain_pickle_of_code_is_refused_without_running_it(encoder_dir, tmp_pat
 def test_pytorch_zip_with_a_storage_shorter_than_announced_is_named(encoder_dir, tmp_path):
     import zipfile
     path = _bin_dir(encoder_dir, tmp_path)
-    state = {k: torch.from_numpy(v) for k, v in checkpoints.load_state_dict(encoder_dir).items()}
+    state = torch_state_dict(encoder_dir)
     torch.save(state, tmp_path / "good.bin")
     with zipfile.ZipFile(tmp_path / "good.bin") as src, \
             zipfile.ZipFile(path / "pytorch_model.bin", "w", zipfile.ZIP_STORED) as dst:
@@ -302,17 +300,12 @@ def test_pytorch_zip_with_a_storage_shorter_than_announced_is_named(encoder_dir,
         bg.BertGenerationEncoder.from_pretrained(str(path))
 
 
-def _without_torch(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code],
-                          capture_output=True, text=True)
-
-
 def test_pytorch_zip_that_would_run_code_is_refused_without_torch_naming_the_global(encoder_dir, tmp_path):
     path = _bin_dir(encoder_dir, tmp_path)
     target = tmp_path / "pwned"
-    state = {k: torch.from_numpy(v) for k, v in checkpoints.load_state_dict(encoder_dir).items()}
+    state = torch_state_dict(encoder_dir)
     torch.save({**state, "payload": _RunsCode(str(target))}, path / "pytorch_model.bin")
-    proc = _without_torch(f"import bertgen_flax as bg\nbg.BertGenerationEncoder.from_pretrained({str(path)!r})")
+    proc = run_without_torch(f"import bertgen_flax as bg\nbg.BertGenerationEncoder.from_pretrained({str(path)!r})")
     assert proc.returncode != 0 and "CheckpointError" in proc.stderr
     assert "mkdir" in proc.stderr and "needs torch" in proc.stderr
     assert not target.exists()
@@ -320,9 +313,9 @@ def test_pytorch_zip_that_would_run_code_is_refused_without_torch_naming_the_glo
 
 def test_pre_zip_pytorch_pickle_without_torch_says_torch_is_needed(encoder_dir, tmp_path):
     path = _bin_dir(encoder_dir, tmp_path)
-    state = {k: torch.from_numpy(v) for k, v in checkpoints.load_state_dict(encoder_dir).items()}
+    state = torch_state_dict(encoder_dir)
     torch.save(state, path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     assert bg.BertGenerationEncoder.from_pretrained(str(path)).params  # torch reads it
-    proc = _without_torch(f"import bertgen_flax as bg\nbg.BertGenerationEncoder.from_pretrained({str(path)!r})")
+    proc = run_without_torch(f"import bertgen_flax as bg\nbg.BertGenerationEncoder.from_pretrained({str(path)!r})")
     assert proc.returncode != 0
     assert "pytorch_model.bin is a PyTorch pickle that needs torch to read" in proc.stderr
