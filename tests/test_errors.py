@@ -319,3 +319,12 @@ def test_pre_zip_pytorch_pickle_without_torch_says_torch_is_needed(encoder_dir, 
     proc = run_without_torch(f"import bertgen_flax as bg\nbg.BertGenerationEncoder.from_pretrained({str(path)!r})")
     assert proc.returncode != 0
     assert "pytorch_model.bin is a PyTorch pickle that needs torch to read" in proc.stderr
+
+
+def test_a_truncated_pytorch_zip_is_named(encoder_dir, tmp_path):
+    path = _bin_dir(encoder_dir, tmp_path)
+    torch.save(torch_state_dict(encoder_dir), tmp_path / "whole.bin")
+    data = (tmp_path / "whole.bin").read_bytes()
+    (path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(bg.CheckpointError, match=r"cannot read .*pytorch_model\.bin as a PyTorch checkpoint"):
+        bg.BertGenerationEncoder.from_pretrained(str(path))
