@@ -377,6 +377,7 @@ def environment(args: argparse.Namespace, torch_device: str, backend: str, threa
         jax_backend=backend, jax_device_kind=jax_device.device_kind,
         jax_cpu_threads=threads if backend == "cpu" else None,
         jax_matmul_precision=jax.config.jax_default_matmul_precision,
+        pallas_attention=os.environ.get("BERTGEN_PALLAS_ATTENTION", "0"), xla_flags=os.environ.get("XLA_FLAGS", ""),
         load_average_start=os.getloadavg(),
     )
 
@@ -388,7 +389,8 @@ def print_environment(env: dict[str, Any]) -> None:
     print(f"torch: {env['torch_device']} ({env['torch_device_name']}), {env['torch_threads']} threads, eval + no_grad")
     jax_threads = f", XLA CPU pool over {env['jax_cpu_threads']} cores" if env["jax_cpu_threads"] else ""
     print(f"jax:   {env['jax_backend']} ({env['jax_device_kind']}){jax_threads}, "
-          f"matmul precision {env['jax_matmul_precision'] or 'default'}")
+          f"matmul precision {env['jax_matmul_precision'] or 'default'}, Pallas attention "
+          f"{env['pallas_attention']}, XLA_FLAGS {env['xla_flags'] or '-'}")
     print(f"cpu: {env['cpu']}, {env['usable_cores']} usable cores, load average {env['load_average_start']}")
     print(f"model: preset {env['preset']}, hidden {s['hidden']}, layers {s['encoder_layers']}+{s['decoder_layers']}, "
           f"heads {s['heads']}, intermediate {s['intermediate']}, vocab {s['vocab']}, max positions "

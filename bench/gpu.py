@@ -13,9 +13,13 @@ Steps (in this order; one failing does not stop the others):
 
     generate-bf16         bench_generate.py --preset l24 --dtype bfloat16 (all four cases, ours and transformers)
     generate-bf16-cached  the same, ours only, with the compilation cache the step before filled
+    generate-bf16-pallas  the same, ours only, attention through the Pallas kernel (BERTGEN_PALLAS_ATTENTION=1)
+    generate-bf16-graphs  the same, ours only, batch 1 and 32, XLA's command buffers for every command type
+                          (XLA_FLAGS, GRAPH_FLAGS below)
     generate-bf16-stored  the same, ours only, layers stored scanned and the decode steps run under nn.scan
     generate-fp32         bench_generate.py --preset l24 --cases b1,b32 (float32: the identity check)
     generate-fp32-cached  the same, ours only, cache filled
+    generate-fp32-pallas  the identity check at batch 1 with the Pallas attention
     train-bf16            bench_train.py --preset l24 --dtype bfloat16 (batch 32, 512 source / 128 target tokens)
     train-bf16-cached     the same, ours only, cache filled
     train-bf16-dropout    the same with dropout 0.1 in both engines, as the anchors trained (time only: the
@@ -70,6 +74,12 @@ TIMEOUT_ENV = "BERTGEN_GPU_BENCH_STEP_TIMEOUT"  # seconds per step (default 5400
 RESERVE_S = 15.0    # --deadline: kept back for the manifest and SUMMARY.md
 MIN_STEP_S = 45.0   # --deadline: no step is started with less left (a model load alone takes longer)
 
+PALLAS_ENV = "BERTGEN_PALLAS_ATTENTION"  # bertgen_flax.gpu_kernels.ENV (this process does not import jax)
+# generate-bf16-graphs: XLA's command buffers (CUDA graphs) for every command type, loops and conditionals
+# included, and for the smallest graphs: a decode step launches a few hundred small kernels.
+GRAPH_FLAGS = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+               "--xla_gpu_graph_min_graph_size=1")
+
 # The tiny rehearsal: appended to the real commands (argparse keeps the last value of a flag).
 TINY_MODEL = ["--hidden", "64", "--encoder-layers", "1", "--decoder-layers", "1", "--heads", "2",
               "--intermediate", "128", "--vocab", "500"]
@@ -92,6 +102,7 @@ class Step:
     args: list[str]
     python: Optional[str] = None   # None: this interpreter
     skip: Optional[str] = None     # a reason not to run it
+    env: dict[str, str] = field(default_factory=dict)  # set for this step's process (over the run's environment)
     command: list[str] = field(default_factory=list)
     status: str = "pending"   # ok | failed (exit N) | timed out | skipped (...)
     rc: Optional[int] = None
@@ -103,18 +114,25 @@ class Step:
 def steps_for(flax_python: Optional[str], flax_why: str) -> list[Step]:
     """The run, in order. ``--json`` paths are filled in by ``run`` (``<step>.json`` in the run folder)."""
     gen_bf16 = ["--preset", "l24", "--dtype", "bfloat16", "--flax457", "off"]
-    gen_fp32 = ["--preset", "l24", "--dtype", "float32", "--cases", "b1,b32", "--flax457", "off"]
+    fp32 = ["--preset", "l24", "--dtype", "float32", "--flax457", "off"]
+    gen_fp32 = fp32 + ["--cases", "b1,b32"]
     train = ["--preset", "l24", "--dtype", "bfloat16"]
     flax = ["--preset", "l24", "--dtype", "bfloat16", "--train"]
     quant = ["--preset", "l24", "--dtype", "bfloat16", "--modes", "float,int8,int4", "--cases", "b1,b32,b128"]
     flax_skip = None if flax_python else f"no transformers 4.57 interpreter with a usable jax: {flax_why}"
+    pallas = {PALLAS_ENV: "1"}
+    graphs = {"XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), *GRAPH_FLAGS]))}
     return [
         Step("generate-bf16", "generate", "bench_generate.py", gen_bf16),
         Step("generate-bf16-cached", "generate", "bench_generate.py", gen_bf16 + ["--engines", "ours"]),
+        Step("generate-bf16-pallas", "generate", "bench_generate.py", gen_bf16 + ["--engines", "ours"], env=pallas),
+        Step("generate-bf16-graphs", "generate", "bench_generate.py",
+             gen_bf16 + ["--engines", "ours", "--cases", "b1,b32"], env=graphs),
         Step("generate-bf16-stored", "generate", "bench_generate.py",
              gen_bf16 + ["--engines", "ours", "--layers", "scanned", "--decoder", "stored"]),
         Step("generate-fp32", "generate", "bench_generate.py", gen_fp32),
         Step("generate-fp32-cached", "generate", "bench_generate.py", gen_fp32 + ["--engines", "ours"]),
+        Step("generate-fp32-pallas", "generate", "bench_generate.py", fp32 + ["--cases", "b1"], env=pallas),
         Step("train-bf16", "train", "bench_train.py", train),
         Step("train-bf16-cached", "train", "bench_train.py", train + ["--engines", "ours"]),
         Step("train-bf16-dropout", "train", "bench_train.py", train + ["--dropout", "0.1"]),
@@ -203,7 +221,10 @@ def run_step(step: Step, run_dir: str, env: dict[str, str], tiny: bool, timeout_
     if json_path.startswith(REPO + os.sep):
         json_path = os.path.relpath(json_path, REPO)  # steps run in the checkout: shorter commands to read
     step.command = [python, os.path.join("bench", step.script), *step.args, *extra, "--json", json_path]
-    print(f"\n=== {step.name}: {' '.join(shlex.quote(c) for c in step.command)}", flush=True)
+    if tiny and step.env.get(PALLAS_ENV) == "1":  # no GPU: the kernel's program interpreted, still checked
+        step.env = {**step.env, PALLAS_ENV: "interpret"}
+    shown = " ".join([f"{k}={shlex.quote(v)}" for k, v in step.env.items()] + [shlex.quote(c) for c in step.command])
+    print(f"\n=== {step.name}: {shown}", flush=True)
     log_path = os.path.join(run_dir, step.log)
     if step.skip:
         step.status = f"skipped ({step.skip})"
@@ -213,9 +234,10 @@ def run_step(step: Step, run_dir: str, env: dict[str, str], tiny: bool, timeout_
         return
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(shlex.quote(c) for c in step.command) + "\n")
+        log.write("$ " + shown + "\n")
         log.flush()
-        proc = subprocess.Popen(step.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        proc = subprocess.Popen(step.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**env, **step.env}, cwd=REPO,
                                 text=True, errors="replace", bufsize=1)
         watchdog = threading.Timer(timeout_s, proc.kill)  # a hung step must not hold up the others
         watchdog.start()

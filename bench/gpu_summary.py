@@ -62,8 +62,8 @@ def load_json(path: str) -> Optional[Any]:
 def load_run(run_dir: str) -> dict[str, Any]:
     """The manifest and every step's JSON (None where missing)."""
     run = {"manifest": load_json(os.path.join(run_dir, "manifest.json")) or {}}
-    for name in ("generate-bf16", "generate-bf16-cached", "generate-bf16-stored", "generate-fp32",
-                 "generate-fp32-cached", "train-bf16", "train-bf16-cached", "train-bf16-dropout", "flax457",
+    for name in ("generate-bf16", "generate-bf16-cached", "generate-bf16-pallas", "generate-bf16-graphs",
+                 "generate-bf16-stored", "generate-fp32", "generate-fp32-cached", "generate-fp32-pallas", "train-bf16", "train-bf16-cached", "train-bf16-dropout", "flax457",
                  "flax457-cached", "flax457-dropout", "quant"):
         run[name] = load_json(os.path.join(run_dir, f"{name}.json"))
     return run
@@ -225,6 +225,23 @@ def stored_table(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def variants_table(run: dict[str, Any]) -> str:
+    """Our decode steps with the cache filled: XLA's attention (``generate-bf16-cached``) against the Pallas kernel
+    and against XLA's command buffers for every command type; speed-ups above 1 favour the variant."""
+    base, pallas, graphs = run["generate-bf16-cached"], run["generate-bf16-pallas"], run["generate-bf16-graphs"]
+    if pallas is None and graphs is None:
+        return "not measured."
+    lines = ["| case | XLA attention ms/step | Pallas attention ms/step | speed-up | command buffers ms/step "
+             "| speed-up | Pallas first call s |", "|---|---|---|---|---|---|---|"]
+    for r in (base or pallas or graphs or {}).get("results", []):
+        case = r.get("case")
+        b, p, g = (_get(gen_case(x, case, "ours"), "ms_per_step") for x in (base, pallas, graphs))
+        up = lambda other: "-" if b is None or not other else f"{b / other:.2f}x"
+        lines.append(f"| {r.get('label')} | {fmt(b, '.2f')} | {fmt(p, '.2f')} | {up(p)} | {fmt(g, '.2f')} | {up(g)} "
+                     f"| {fmt(_get(gen_case(pallas, case, 'ours'), 'first_call_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
 def memory_table(run: dict[str, Any]) -> str:
     gen, flax = run["generate-bf16"], run["flax457"]
     lines = ["| case | ours peak GiB (process so far) | transformers peak GiB (this case) "
@@ -360,6 +377,10 @@ def summary(run_dir: str) -> str:
             "and one call); for transformers PyTorch there is nothing to compile.", "",
             "### Generation, bfloat16", "", generate_table(run["generate-bf16"], run["flax457"]), "",
             identity_line(run["generate-fp32"]), "",
+            "### Variants of our decode steps (cache filled)", "", variants_table(run), "",
+            "Pallas attention (`BERTGEN_PALLAS_ATTENTION=1`): scores, mask, softmax and the weighted sum in one "
+            "Triton kernel per attention. Command buffers: `XLA_FLAGS` in the steps table. With the Pallas "
+            "kernel, " + identity_line(run["generate-fp32-pallas"]), "",
             "### Training step, bfloat16 compute, float32 weights", "", train_table(run), "",
             "### First call and the persistent compilation cache", "", compile_table(run), "",
             "### Layers stored unrolled (the inference layout), or stored scanned and run under nn.scan", "",
@@ -371,7 +392,7 @@ def summary(run_dir: str) -> str:
             "### Quantized generation (bench_quant.py)", "", quant_table(run["quant"]), "",
             "### Steps", "", "| step | status | seconds | command |", "|---|---|---|---|"]
     for s in steps:
-        command = " ".join(s.get("command") or [])
+        command = " ".join([f"{k}={v}" for k, v in (s.get("env") or {}).items()] + (s.get("command") or []))
         seconds = "-" if s.get("seconds") is None else f"{s['seconds']:.0f}"
         out.append(f"| {s.get('name')} | {s.get('status')} | {seconds} | `{command}` |")
     return "\n".join(out) + "\n"

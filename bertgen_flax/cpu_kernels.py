@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import gpu_kernels
+
 MAX_ROWS = 8         # streaming kernels (memory-bound: a weight read once for all rows) up to this many rows
 MAX_ROWS_NT = 8
 QUANTIZED_MAX_ROWS = 8   # int8 / int4 streamed (widened in registers) up to here; above, widened while packed
@@ -223,11 +225,17 @@ def quantized_matmul_nt(x: jax.Array, q: jax.Array, scale: jax.Array, xla: Calla
 
 
 def _attend_kernel(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, xla: Callable) -> jax.Array:
-    if not (q.dtype == k.dtype == v.dtype == jnp.float32 and _on_cpu()):
+    if gpu_kernels.mode() == "interpret" and gpu_kernels.supports(q, k, v):
+        return gpu_kernels.attend(q, k, v, allowed, interpret=True)
+    kernels = {}
+    if q.dtype == k.dtype == v.dtype == jnp.float32 and _on_cpu():
+        kernels["cpu"] = lambda q, k, v, a: jax.ffi.ffi_call(
+            "bertgen_attend_one", jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(q, k, v, a)
+    if gpu_kernels.applies(q, k, v):
+        kernels["cuda"] = gpu_kernels.attend
+    if not kernels:
         return xla(q, k, v, allowed)
-    cpu = lambda q, k, v, a: jax.ffi.ffi_call("bertgen_attend_one", jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                                              vmap_method="sequential")(q, k, v, a)
-    return jax.lax.platform_dependent(q, k, v, allowed, cpu=cpu, default=xla)
+    return jax.lax.platform_dependent(q, k, v, allowed, default=xla, **kernels)
 
 
 _attend = None  # set below, once _fused is defined
@@ -236,7 +244,8 @@ _attend = None  # set below, once _fused is defined
 def attend_one(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, xla: Callable) -> jax.Array:
     """Attention of q [B, G, N, D] (G queries per key row: a decode step's beams, or an encoder's tokens) over k
     and v [B, N, S, D] where allowed [B, S] -> [B, G, N, D]: scores, mask, softmax and the weighted sum fused on
-    the CPU (float32); ``xla(q, k, v, allowed)`` elsewhere, and its derivative under differentiation."""
+    the CPU (float32) and, where enabled, on one NVIDIA GPU (``gpu_kernels``); ``xla(q, k, v, allowed)``
+    elsewhere, and its derivative under differentiation."""
     return _attend(q, k, v, allowed, xla)
 
 

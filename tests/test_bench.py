@@ -148,6 +148,28 @@ def test_gpu_driver_names_a_deadline_too_short_for_its_summary(capsys):
 
 
 @pytest.mark.slow
+def test_variants_table_compares_our_decode_steps_with_the_cache_filled(run_dir):
+    base = [("b1", "batch 1 greedy", 0.8), ("b32", "batch 32 greedy", 1.2)]
+    for name, ms in (("generate-bf16-cached", (0.8, 1.2)), ("generate-bf16-pallas", (0.5, 1.5)),
+                     ("generate-bf16-graphs", (0.4, None))):
+        _write(os.path.join(run_dir, f"{name}.json"), dict(results=[
+            dict(case=c, label=label, ours=_engine(m, None, 3.0)) for (c, label, _), m in zip(base, ms)]))
+    table = gpu_summary.variants_table(gpu_summary.load_run(run_dir))
+    # case | XLA attention | Pallas | speed-up | command buffers | speed-up | Pallas first call
+    assert _row(table, "batch 1 greedy") == ["batch 1 greedy", "0.80", "0.50", "1.60x", "0.40", "2.00x", "3.0"]
+    assert _row(table, "batch 32 greedy") == ["batch 32 greedy", "1.20", "1.50", "0.80x", "-", "-", "3.0"]
+
+
+def test_a_steps_own_environment_is_shown_with_its_command(run_dir):
+    manifest = gpu_summary.load_json(os.path.join(run_dir, "manifest.json"))
+    manifest["steps"].append(dict(name="generate-bf16-pallas", status="ok", seconds=9.0,
+                                  env={"BERTGEN_PALLAS_ATTENTION": "1"}, command=["python", "bench.py"]))
+    _write(os.path.join(run_dir, "manifest.json"), manifest)
+    text = gpu_summary.write_summary(run_dir)
+    assert "| generate-bf16-pallas | ok | 9 | `BERTGEN_PALLAS_ATTENTION=1 python bench.py` |" in text
+    assert "### Variants of our decode steps (cache filled)" in text
+
+
 def test_gpu_driver_rehearses_every_step_with_tiny_shapes(tmp_path):
     """The whole one-command GPU run with BERTGEN_GPU_BENCH_TINY=1 on the CPU (a few minutes)."""
     out = tmp_path / "run"
