@@ -90,6 +90,27 @@ def _unrolled(module: Any, params: Any) -> tuple[Any, Any]:
     return module.clone(scan_layers=False), unstack_layers(params)
 
 
+def _matrices_in(dtype: Any, tree: Any) -> Any:
+    """``tree`` with its float weight matrices (``kernel`` and ``embedding`` leaves) cast to the compute ``dtype``
+    where that is narrower, for the decode loop: once per call instead of once per step.
+
+    A model loaded with ``dtype=bfloat16`` keeps float32 params, and its modules cast each matrix when they use it.
+    Inside the loop that cast is loop-invariant, so XLA may hoist it (XLA:CPU does) or not; done here, the loop
+    reads bfloat16 matrices whatever the compiler does: half the bytes of a bandwidth-bound step. The numbers do
+    not change (the modules cast the same matrices to the same dtype; casting commutes with the lookups).
+    Vectors (biases, LayerNorm) keep their dtype, as do the CPU kernels' packed leaves and integer weights.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def cast(path: tuple, x: Any) -> Any:
+        name = getattr(path[-1], "key", None) if path else None
+        if (name in ("kernel", "embedding") and getattr(x, "ndim", 0) >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+                and jnp.dtype(x.dtype).itemsize > dtype.itemsize):
+            return x.astype(dtype)
+        return x
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
+
 def _has_stacked_layers(tree: Any) -> bool:
     """Whether a params subtree holds layers stacked for ``nn.scan`` (a ``layer`` subtree)."""
     return isinstance(tree, dict) and any(k == "layer" or _has_stacked_layers(v) for k, v in tree.items())
@@ -170,9 +191,11 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
         # unstacked already (PackedWeights).
         stored = unrolled if unrolled is not module and not _has_stacked_layers(params["decoder"]) else module
         n = batch * copies
-        if unroll and cpu_kernels.packing_pays(n, is_quantized(params)):  # the steps' weights packed, once
+        if unroll and module.dtype == jnp.float32 and cpu_kernels.packing_pays(n, is_quantized(params)):
+            # the steps' weights packed, once (the kernels take float32 activations only)
             dec_params = dict(dec_params, decoder=cpu_kernels.pack_for_steps(
                 dec_params["decoder"], module.config.decoder.tie_word_embeddings))
+        dec_params = _matrices_in(module.dtype, dec_params)
 
         def run(mod, p, cache, tokens, states):
             out, variables = mod.apply({"params": p, "cache": cache}, tokens, states, src_mask, decode=True,
@@ -208,8 +231,10 @@ def _causal_program(module: Any, spec: SearchSpec, batch: int, scores: bool, unr
         stored, stored_params = scanned, params
         module, params = _unrolled(scanned, params) if unroll else (scanned, params)
         n = batch * copies
-        if unroll and cpu_kernels.packing_pays(n, is_quantized(params)):  # the steps' weights packed, once
+        if unroll and scanned.dtype == jnp.float32 and cpu_kernels.packing_pays(n, is_quantized(params)):
+            # the steps' weights packed, once (the kernels take float32 activations only)
             params = cpu_kernels.pack_for_steps(params, scanned.config.tie_word_embeddings)
+        params = _matrices_in(scanned.dtype, params)
         prompt = jnp.repeat(prompt, copies, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, copies, axis=0)
         p = prompt.shape[1]

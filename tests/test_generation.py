@@ -1,4 +1,7 @@
 """generate() gives token-for-token what transformers.generate gives (float32), in one compiled program."""
+import jax
+import jax.extend
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -496,6 +499,7 @@ def test_the_compilation_cache_is_written_and_reused_by_a_second_process(seq2seq
 X64_SCRIPT = r"""
 import json, sys
 import jax
+import jax.extend
 jax.config.update("jax_enable_x64", True)
 import numpy as np
 import bertgen_flax as bg
@@ -529,3 +533,55 @@ def test_generation_works_with_jax_enable_x64(seq2seq, decoder, tmp_path):
     _assert_same(np.asarray(ours.generate(ids, mask, **cases["sample"])), got["sample"])
     _assert_same(_reference(dec_ref, ids[:, :5], np.ones_like(ids[:, :5]), max_new_tokens=6, do_sample=False),
                  got["decoder"])
+
+
+def _loop_weight_casts(jaxpr, dtype) -> list:
+    """Casts to ``dtype`` of float32 matrices that a while loop's body takes from outside the loop (its consts),
+    found in every while loop of ``jaxpr``: work that repeats in every decode step unless the compiler hoists it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            body = eqn.params["body_jaxpr"].jaxpr
+            consts = set(body.invars[:eqn.params["body_nconsts"]])
+            found += [e.invars[0].aval.shape for e in body.eqns
+                      if e.primitive.name == "convert_element_type" and e.invars[0] in consts
+                      and e.params["new_dtype"] == dtype and e.invars[0].aval.dtype == np.float32
+                      and e.invars[0].aval.ndim >= 2]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _loop_weight_casts(sub, dtype)
+    return found
+
+
+def test_bfloat16_compute_with_float32_params_casts_the_matrices_once_before_the_loop(seq2seq, tmp_path,
+                                                                                      monkeypatch):
+    """A model loaded with dtype=bfloat16 keeps float32 params. The decode loop must read bfloat16 matrices,
+    whether or not the compiler hoists the casts out of the loop (on a GPU a step is bound by the bytes it reads),
+    and the tokens and scores must be those of the casts inside the loop."""
+    ref, _ = seq2seq
+    ref.save_pretrained(tmp_path / "ed")
+    ids, mask = _source()
+    kw = dict(num_beams=3, max_new_tokens=8, return_scores=True)
+    real_program, seen = generation._seq2seq_program, []
+
+    def spy(*args, **kwargs):
+        program = real_program(*args, **kwargs)
+
+        def call(*a):
+            seen.append(_loop_weight_casts(program.trace(*a).jaxpr, jnp.bfloat16))
+            return program(*a)
+        return call
+
+    def run():
+        model = bg.EncoderDecoderModel.from_pretrained(str(tmp_path / "ed"), dtype="bfloat16")
+        assert jax.tree_util.tree_leaves(model.params)[0].dtype == np.float32
+        real_program.cache_clear()
+        return [np.asarray(x) for x in model.generate(ids, mask, **kw)]
+
+    monkeypatch.setattr(generation, "_seq2seq_program", spy)
+    seqs, scores = run()
+    assert seen[-1] == [], f"matrices cast inside the loop: {seen[-1]}"
+    monkeypatch.setattr(generation, "_matrices_in", lambda dtype, tree: tree)  # the casts left to the modules
+    want_seqs, want_scores = run()
+    assert len(seen[-1]) >= 6, "the check must see the per-step casts when nothing casts before the loop"
+    assert np.array_equal(seqs, want_seqs) and np.array_equal(scores, want_scores)
+    real_program.cache_clear()
