@@ -58,7 +58,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import bertgen_flax  # noqa: E402
-from bertgen_flax import generation  # noqa: E402
+from bertgen_flax import generation, gpu_kernels  # noqa: E402
 
 NOISY_CORES = _machine.NOISY_CORES  # warn when other processes use more than this many cores while we time
 FLAX457_SCRIPT = os.path.join(_BENCH_DIR, "bench_flax457.py")
@@ -377,7 +377,7 @@ def environment(args: argparse.Namespace, torch_device: str, backend: str, threa
         jax_backend=backend, jax_device_kind=jax_device.device_kind,
         jax_cpu_threads=threads if backend == "cpu" else None,
         jax_matmul_precision=jax.config.jax_default_matmul_precision,
-        pallas_attention=os.environ.get("BERTGEN_PALLAS_ATTENTION", "0"), xla_flags=os.environ.get("XLA_FLAGS", ""),
+        pallas_attention=os.environ.get(gpu_kernels.ENV, "0"), xla_flags=os.environ.get("XLA_FLAGS", ""),
         load_average_start=os.getloadavg(),
     )
 

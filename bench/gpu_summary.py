@@ -63,8 +63,9 @@ def load_run(run_dir: str) -> dict[str, Any]:
     """The manifest and every step's JSON (None where missing)."""
     run = {"manifest": load_json(os.path.join(run_dir, "manifest.json")) or {}}
     for name in ("generate-bf16", "generate-bf16-cached", "generate-bf16-pallas", "generate-bf16-graphs",
-                 "generate-bf16-stored", "generate-fp32", "generate-fp32-cached", "generate-fp32-pallas", "train-bf16", "train-bf16-cached", "train-bf16-dropout", "flax457",
-                 "flax457-cached", "flax457-dropout", "quant"):
+                 "generate-bf16-stored", "generate-fp32", "generate-fp32-cached", "generate-fp32-pallas",
+                 "train-bf16", "train-bf16-cached", "train-bf16-dropout", "flax457", "flax457-cached",
+                 "flax457-dropout", "quant"):
         run[name] = load_json(os.path.join(run_dir, f"{name}.json"))
     return run
 

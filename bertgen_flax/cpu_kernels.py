@@ -462,15 +462,16 @@ def reorder_rows(x: jax.Array, rows: jax.Array, length: jax.Array) -> jax.Array:
 # - ``PackedWeights``, once per model: the products that run once per call over all source tokens (the
 #   encoder's, the cross-attention keys and values) and, for steps of 9 rows and more, the decoder's. At batch 1
 #   the encoder's own packing was a tenth of a call (0.33 of 2.98 ms for the small preset's encoder).
-def packing_pays(rows: int, quantized: bool = False) -> bool:
-    """Whether steps of ``rows`` rows run the packed products on this process's CPU kernels: float32 weights from
-    ``GEMM_MIN_ROWS`` rows, a quantized model's from ``QUANTIZED_STEPS_MIN_ROWS``."""
-    return rows >= (QUANTIZED_STEPS_MIN_ROWS if quantized else GEMM_MIN_ROWS) and packs_weights()
+def packing_pays(rows: int, quantized: bool = False, dtype: Any = jnp.float32) -> bool:
+    """Whether steps of ``rows`` rows computing in ``dtype`` run the packed products on this process's CPU kernels:
+    float32 weights from ``GEMM_MIN_ROWS`` rows, a quantized model's from ``QUANTIZED_STEPS_MIN_ROWS``."""
+    return rows >= (QUANTIZED_STEPS_MIN_ROWS if quantized else GEMM_MIN_ROWS) and packs_weights(dtype)
 
 
-def packs_weights() -> bool:
-    """Whether this process's products read weights packed beforehand (``pack_kernels``)."""
-    return _on_cpu() and _PANEL > 0
+def packs_weights(dtype: Any = jnp.float32) -> bool:
+    """Whether this process's products, computing in ``dtype``, read weights packed beforehand (``pack_kernels``):
+    the kernels take float32 activations only (in bfloat16 a packed copy would only be read back by XLA)."""
+    return jnp.dtype(dtype) == jnp.float32 and _on_cpu() and _PANEL > 0
 
 
 def _pack(w: jax.Array, transposed: bool, fill: int = 0) -> jax.Array:

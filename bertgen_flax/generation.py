@@ -191,8 +191,7 @@ def _seq2seq_program(module: Any, spec: SearchSpec, batch: int, src_len: int, sc
         # unstacked already (PackedWeights).
         stored = unrolled if unrolled is not module and not _has_stacked_layers(params["decoder"]) else module
         n = batch * copies
-        if unroll and module.dtype == jnp.float32 and cpu_kernels.packing_pays(n, is_quantized(params)):
-            # the steps' weights packed, once (the kernels take float32 activations only)
+        if unroll and cpu_kernels.packing_pays(n, is_quantized(params), module.dtype):  # the steps' weights, once
             dec_params = dict(dec_params, decoder=cpu_kernels.pack_for_steps(
                 dec_params["decoder"], module.config.decoder.tie_word_embeddings))
         dec_params = _matrices_in(module.dtype, dec_params)
@@ -231,8 +230,7 @@ def _causal_program(module: Any, spec: SearchSpec, batch: int, scores: bool, unr
         stored, stored_params = scanned, params
         module, params = _unrolled(scanned, params) if unroll else (scanned, params)
         n = batch * copies
-        if unroll and scanned.dtype == jnp.float32 and cpu_kernels.packing_pays(n, is_quantized(params)):
-            # the steps' weights packed, once (the kernels take float32 activations only)
+        if unroll and cpu_kernels.packing_pays(n, is_quantized(params), scanned.dtype):  # the steps' weights, once
             params = cpu_kernels.pack_for_steps(params, scanned.config.tie_word_embeddings)
         params = _matrices_in(scanned.dtype, params)
         prompt = jnp.repeat(prompt, copies, axis=0)
@@ -415,8 +413,8 @@ def seq2seq_generate(module: Any, params: Any, input_ids: np.ndarray, attention_
     prompt = _pad_rows(prompt, bb, prompt[0, 0] if prompt.size else 0)
     program = _seq2seq_program(module, spec, bb, sb, return_scores, encoder_rows(bb, sb) if mesh is None else bb,
                                unroll_decoder)
-    if packed_weights is not None and mesh is None and module.dtype == jnp.float32 and cpu_kernels.packs_weights():
-        steps = unroll_decoder and cpu_kernels.packing_pays(bb * _expand(spec), is_quantized(params))
+    if packed_weights is not None and mesh is None and cpu_kernels.packs_weights(module.dtype):
+        steps = unroll_decoder and cpu_kernels.packing_pays(bb * _expand(spec), is_quantized(params), module.dtype)
         params = packed_weights.get(params, steps, module.config.decoder.tie_word_embeddings,
                                     unstack=unroll_decoder and getattr(module, "scan_layers", False))
     # by default on the CPU only: elsewhere each packed size is another compile of seconds, for a smaller gain
