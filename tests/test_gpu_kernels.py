@@ -85,6 +85,14 @@ def test_shapes_the_kernel_does_not_take_are_refused_by_name(q_shape, k_shape, d
         gpu_kernels.attend(q, k, k, jnp.ones(k_shape[::2][:2], bool), interpret=True)
 
 
+@pytest.mark.parametrize("k_shape,allowed_shape", [((2, 3, 5, 16), (2, 5)),    # heads differ from q's
+                                                   ((2, 2, 5, 16), (2, 6))])   # the mask's keys differ
+def test_attention_shapes_that_disagree_are_refused_by_name(k_shape, allowed_shape):
+    q, k = jnp.zeros((2, 1, 2, 16)), jnp.zeros(k_shape)
+    with pytest.raises(ValueError, match="attention shapes disagree"):
+        gpu_kernels.attend(q, k, k, jnp.ones(allowed_shape, bool), interpret=True)
+
+
 def test_the_switch_names_a_bad_value(monkeypatch):
     for value, mode in (("0", "off"), ("", "off"), ("1", "on"), ("interpret", "interpret")):
         monkeypatch.setenv(gpu_kernels.ENV, value)
